@@ -4,12 +4,28 @@ Reference: M. Shkolnik et al., "Robust Quantization: One Model to Rule Them All"
 NeurIPS 2020 (arXiv:2002.07686).
 """
 
+from kure_jax import theory as theory
 from kure_jax.kurtosis import REDUCTIONS as REDUCTIONS
 from kure_jax.kurtosis import UNIFORM_KURTOSIS as UNIFORM_KURTOSIS
 from kure_jax.kurtosis import add_penalty as add_penalty
 from kure_jax.kurtosis import kurtosis as kurtosis
 from kure_jax.kurtosis import kurtosis_report as kurtosis_report
 from kure_jax.kurtosis import penalty as penalty
+from kure_jax.policy import CLIP_METHODS as CLIP_METHODS
+from kure_jax.policy import QuantPolicy as QuantPolicy
+from kure_jax.policy import compute_step as compute_step
+from kure_jax.policy import quantize as quantize
+from kure_jax.ptq import quantize_params as quantize_params
+from kure_jax.qat_ops import dorefa_activation as dorefa_activation
+from kure_jax.qat_ops import dorefa_weight as dorefa_weight
+from kure_jax.qat_ops import learned_clip_quant as learned_clip_quant
+from kure_jax.quant import MAX_BITS as MAX_BITS
+from kure_jax.quant import MIN_BITS as MIN_BITS
+from kure_jax.quant import ROUNDING_MODES as ROUNDING_MODES
+from kure_jax.quant import fake_quant as fake_quant
+from kure_jax.quant import integer_range as integer_range
+from kure_jax.quant import lsq_init_scale as lsq_init_scale
+from kure_jax.quant import round_values as round_values
 from kure_jax.selection import default_selection as default_selection
 from kure_jax.selection import paper_selection as paper_selection
 from kure_jax.selection import path_to_str as path_to_str
@@ -19,15 +35,31 @@ from kure_jax.selection import selection_mask as selection_mask
 __version__ = "0.1.0"
 
 __all__ = [
+    "CLIP_METHODS",
+    "MAX_BITS",
+    "MIN_BITS",
     "REDUCTIONS",
+    "ROUNDING_MODES",
     "UNIFORM_KURTOSIS",
+    "QuantPolicy",
     "add_penalty",
+    "compute_step",
     "default_selection",
+    "dorefa_activation",
+    "dorefa_weight",
+    "fake_quant",
+    "integer_range",
     "kurtosis",
     "kurtosis_report",
+    "learned_clip_quant",
+    "lsq_init_scale",
     "paper_selection",
     "path_to_str",
     "penalty",
+    "quantize",
+    "quantize_params",
+    "round_values",
     "select",
     "selection_mask",
+    "theory",
 ]

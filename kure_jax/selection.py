@@ -154,24 +154,36 @@ def _strip_params(path: Path) -> Path:
     return path[1:] if path[:1] == ("params",) else path
 
 
-def paper_selection(params: PyTree) -> LeafPredicate:
-    """The paper's selection: every conv kernel except the first, and no final dense layer.
+def paper_selection(
+    params: PyTree, *, first_conv: str | None = None, last_dense: str | None = None
+) -> LeafPredicate:
+    """The paper's selection: every conv/dense kernel except the first conv and the final dense.
 
     KURE's reference regularises all conv kernels but the first conv, and not the
     classifier; those two layers also stay full precision in its quantized runs.
-    Layer order is read from the insertion order of the (Flax) dicts, which is the
-    order in which modules were first called: the first rank-4 ``kernel`` is the
-    stem conv, and the last rank-2 ``kernel`` is the classifier.
+
+    The two excluded layers are found, in this order of preference:
+
+    1. by name, if given (``first_conv="stem_conv"`` matches any path component);
+    2. by the names of :mod:`kure_jax.models` (``"stem_conv"`` and ``"head"``) when present;
+    3. by layer order: the first rank-4 ``kernel`` and the last rank-2 ``kernel`` in the
+       dicts' insertion order, which is the call order for params from an eager
+       ``model.init``. ``jax.jit(model.init)`` and ``jax.tree`` operations sort dict keys,
+       so for such trees pass the names explicitly.
 
     Args:
       params: a Flax-style nested mapping of arrays with ``kernel`` leaves.
+      first_conv: name of the first conv layer (a path component), or None to detect it.
+      last_dense: name of the final dense layer, or None to detect it (a model without
+        a rank-2 kernel excludes no dense layer).
 
     Returns:
       A predicate ``where(path, leaf)`` for :func:`penalty`, :func:`quantize_params`, ...
+      It accepts trees with or without the top-level ``"params"`` key.
 
     Raises:
-      ValueError: if ``params`` holds no rank-4 (conv) kernel, or no kernel remains
-        after the exclusions.
+      ValueError: if ``params`` holds no rank-4 (conv) kernel, a given name matches no
+        kernel, or no kernel remains after the exclusions.
     """
     kernels = _kernels_in_insertion_order(params)
     convs = [path for path, leaf in kernels if _ndim(leaf) == 4]
@@ -181,12 +193,16 @@ def paper_selection(params: PyTree) -> LeafPredicate:
             "paper_selection needs conv kernels (rank-4 leaves named 'kernel'); found kernels: "
             f"{[path_to_str(p) for p, _ in kernels] or 'none'}."
         )
-    excluded = {convs[0]} | ({denses[-1]} if denses else set())
+    excluded = _named_or_ordered(convs, first_conv, _DEFAULT_FIRST_CONV, convs[0], "first_conv")
+    if denses or last_dense is not None:
+        fallback = denses[-1] if denses else None
+        excluded |= _named_or_ordered(denses, last_dense, _DEFAULT_LAST_DENSE, fallback,
+                                      "last_dense")
     chosen = {_strip_params(path) for path, _ in kernels} - {_strip_params(p) for p in excluded}
     if not chosen:
         raise ValueError(
             "paper_selection leaves nothing once the first conv and the last dense are excluded: "
-            f"excluded {[path_to_str(p) for p in excluded]}."
+            f"excluded {sorted(path_to_str(p) for p in excluded)}."
         )
 
     def where(path: Path, leaf: Any) -> bool:
@@ -195,3 +211,25 @@ def paper_selection(params: PyTree) -> LeafPredicate:
 
     where.__name__ = "paper_selection"
     return where
+
+
+# The layer names of kure_jax.models; other models fall back to layer order.
+_DEFAULT_FIRST_CONV = "stem_conv"
+_DEFAULT_LAST_DENSE = "head"
+
+
+def _named_or_ordered(
+    candidates: list[Path], name: str | None, default_name: str, fallback: Path | None, arg: str
+) -> set[Path]:
+    if name is not None:
+        matched = {p for p in candidates if name in p}
+        if not matched:
+            raise ValueError(
+                f"paper_selection({arg}={name!r}) matches no kernel; candidates: "
+                f"{[path_to_str(p) for p in candidates]}."
+            )
+        return matched
+    by_default_name = {p for p in candidates if default_name in p}
+    if by_default_name:
+        return by_default_name
+    return set() if fallback is None else {fallback}
