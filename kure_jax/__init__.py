@@ -16,6 +16,13 @@ from kure_jax.policy import QuantPolicy as QuantPolicy
 from kure_jax.policy import compute_step as compute_step
 from kure_jax.policy import quantize as quantize
 from kure_jax.ptq import quantize_params as quantize_params
+from kure_jax.qat import LEARNED_QUANTIZERS as LEARNED_QUANTIZERS
+from kure_jax.qat import QUANT_COLLECTION as QUANT_COLLECTION
+from kure_jax.qat import QUANTIZERS as QUANTIZERS
+from kure_jax.qat import QATConfig as QATConfig
+from kure_jax.qat import init_quant_from_params as init_quant_from_params
+from kure_jax.qat import quantized_apply as quantized_apply
+from kure_jax.qat import quantized_init as quantized_init
 from kure_jax.qat_ops import dorefa_activation as dorefa_activation
 from kure_jax.qat_ops import dorefa_weight as dorefa_weight
 from kure_jax.qat_ops import learned_clip_quant as learned_clip_quant
@@ -36,11 +43,15 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CLIP_METHODS",
+    "LEARNED_QUANTIZERS",
     "MAX_BITS",
     "MIN_BITS",
+    "QUANTIZERS",
+    "QUANT_COLLECTION",
     "REDUCTIONS",
     "ROUNDING_MODES",
     "UNIFORM_KURTOSIS",
+    "QATConfig",
     "QuantPolicy",
     "add_penalty",
     "compute_step",
@@ -48,6 +59,7 @@ __all__ = [
     "dorefa_activation",
     "dorefa_weight",
     "fake_quant",
+    "init_quant_from_params",
     "integer_range",
     "kurtosis",
     "kurtosis_report",
@@ -58,6 +70,8 @@ __all__ = [
     "penalty",
     "quantize",
     "quantize_params",
+    "quantized_apply",
+    "quantized_init",
     "round_values",
     "select",
     "selection_mask",
