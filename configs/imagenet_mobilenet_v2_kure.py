@@ -1,0 +1,24 @@
+r"""The paper's MobileNet-V2 KURE recipe on ImageNet: batch 256, ~83 epochs, lr 1e-3 /10 per 30.
+
+    python train.py --config configs/imagenet_mobilenet_v2_kure.py \
+        --workdir runs/imagenet_mobilenet_v2_kure
+
+Otherwise as ``imagenet_resnet18_kure.py`` (same caveats: pretrained weights and the
+``imagenet2012`` pipeline are not available yet, so start-up fails with a clear message).
+"""
+
+import pathlib
+import runpy
+
+import ml_collections
+
+_resnet18 = runpy.run_path(str(pathlib.Path(__file__).with_name("imagenet_resnet18_kure.py")))
+
+
+def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
+    config = _resnet18["get_config"](variant)
+    config.model = "mobilenet_v2"
+    config.batch_size = 256
+    config.num_epochs = 83.0
+    config.schedule.milestones = (30, 60)
+    return config

@@ -1,0 +1,33 @@
+r"""The paper's ResNet-18 DoReFa W4A4 QAT recipe with KURE on ImageNet.
+
+    python train.py --config configs/imagenet_resnet18_dorefa_w4a4.py \
+        --workdir runs/imagenet_resnet18_dorefa_w4a4
+
+lr 1e-4 divided by 10 at epochs 30, 60, 85 and 95 (as listed in the paper; training
+stops at 80), batch 256, 80 epochs, SGD momentum 0.9, weight decay 1e-4, K_T = 1.8,
+lambda = 1.0 on the float shadow weights; the stem conv and the classifier stay float.
+Same caveats as ``imagenet_resnet18_kure.py``: pretrained weights and the
+``imagenet2012`` pipeline are not available yet, so start-up fails with a clear message.
+"""
+
+import pathlib
+import runpy
+
+import ml_collections
+
+_resnet18 = runpy.run_path(str(pathlib.Path(__file__).with_name("imagenet_resnet18_kure.py")))
+
+
+def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
+    config = _resnet18["get_config"](variant)
+    config.num_epochs = 80.0
+    config.learning_rate = 1e-4
+    config.schedule.milestones = (30, 60, 85, 95)
+    config.qat.enabled = True
+    config.qat.weight_bits = 4
+    config.qat.act_bits = 4
+    config.qat.weight_quantizer = "dorefa"
+    config.qat.act_quantizer = "dorefa"
+    config.qat.keep_first_float = True
+    config.qat.keep_last_float = True
+    return config

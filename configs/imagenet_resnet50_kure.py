@@ -1,0 +1,23 @@
+"""The paper's ResNet-50 KURE recipe on ImageNet: batch 128, 50 epochs, lr 1e-3 /10 at 30.
+
+    python train.py --config configs/imagenet_resnet50_kure.py --workdir runs/imagenet_resnet50_kure
+
+Otherwise as ``imagenet_resnet18_kure.py`` (same caveats: pretrained weights and the
+``imagenet2012`` pipeline are not available yet, so start-up fails with a clear message).
+"""
+
+import pathlib
+import runpy
+
+import ml_collections
+
+_resnet18 = runpy.run_path(str(pathlib.Path(__file__).with_name("imagenet_resnet18_kure.py")))
+
+
+def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
+    config = _resnet18["get_config"](variant)
+    config.model = "resnet50"
+    config.batch_size = 128
+    config.num_epochs = 50.0
+    config.schedule.milestones = (30,)
+    return config

@@ -1,0 +1,198 @@
+"""Pallas kernels of :func:`kure_jax.kernels.kurtosis_many`: moments of many tensors at once.
+
+All tensors are passed to one ``pallas_call`` without concatenating them (a concatenation would
+be a copy). Each tensor is seen flat and cut into 1-D blocks; the grid walks the blocks of tensor
+0, then of tensor 1, ... (``Segments``). Program ``p`` works on exactly one tensor, chosen by a
+``pl.when`` per tensor; every input's block index is clamped to its own range, so on TPU the
+pipeline does not re-fetch an input while other tensors are processed, and on GPU the untaken
+branches load nothing. Each program writes one row of per-block statistics (forward) or its
+block of the gradient (backward).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+
+from kure_jax.kernels import _config, _ops
+
+# Per-block statistics in the forward output row, in this order.
+MEAN, M2, M3, M4, ABSMAX = range(5)
+_STATS_WIDTH = 8  # Row width (power of two for Triton); the last 3 entries are unused.
+GPU_BLOCK = 4096
+TPU_BLOCK = 32 * 1024
+
+
+class Segments(NamedTuple):
+    """Static block layout of a list of tensors (hashable)."""
+
+    sizes: tuple[int, ...]  # Elements per tensor.
+    blocks: tuple[int, ...]  # Block length per tensor.
+    starts: tuple[int, ...]  # First program of each tensor.
+    num_programs: int
+
+    @classmethod
+    def build(cls, sizes: Sequence[int], block: int, platform: str) -> Segments:
+        """Cuts each tensor into blocks of ``block`` elements (fewer for small tensors)."""
+        if platform == "gpu":  # Triton: power-of-two blocks, no longer than needed.
+            lengths = tuple(min(block, 1 << max(n - 1, 0).bit_length()) for n in sizes)
+        else:  # Mosaic: the whole tensor, or a multiple of 1024.
+            lengths = tuple(n if n <= block else block for n in sizes)
+        counts = [-(-n // b) for n, b in zip(sizes, lengths, strict=True)]
+        starts = tuple(int(s) for s in np.cumsum([0, *counts[:-1]]))
+        return cls(tuple(sizes), lengths, starts, int(sum(counts)))
+
+    def block_counts(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(tensor id, valid elements)`` of every program, as NumPy arrays."""
+        tid, valid = [], []
+        for i, (n, b) in enumerate(zip(self.sizes, self.blocks, strict=True)):
+            k = -(-n // b)
+            tid += [i] * k
+            valid += [b] * (k - 1) + [n - b * (k - 1)]
+        return np.asarray(tid, np.int32), np.asarray(valid, np.float32)
+
+
+def _in_specs(seg: Segments) -> list[pl.BlockSpec]:
+    specs = []
+    for start, b, n in zip(seg.starts, seg.blocks, seg.sizes, strict=True):
+        last = -(-n // b) - 1
+        specs.append(pl.BlockSpec((b,), lambda p, s=start, k=last: (jnp.clip(p - s, 0, k),)))
+    return specs
+
+
+def _branches(seg: Segments, body) -> None:
+    """Runs ``body(i, mask)`` for the tensor ``i`` that the current program belongs to."""
+    p = pl.program_id(0)
+    for i, (start, b, n) in enumerate(zip(seg.starts, seg.blocks, seg.sizes, strict=True)):
+        count = -(-n // b)
+
+        @pl.when((p >= start) & (p < start + count))
+        def _(i=i, start=start, b=b, n=n):
+            index = (p - start) * b + jax.lax.broadcasted_iota(jnp.int32, (b,), 0)
+            body(i, index < n)
+
+
+def block_stats(seg: Segments, tensors: Sequence[jax.Array], launch: _config.Launch) -> jax.Array:
+    """float32 ``(programs, 8)``: shifted mean, centred power sums ``M2, M3, M4`` and ``max|x|``.
+
+    Every tensor is read once. Each tensor is first shifted by its first element (exact for
+    values within a factor 2 of it) so that block means keep their precision when a tensor's
+    mean is large relative to its spread; sums are then centred on the block's own shifted
+    mean, so no cancellation occurs. Column ``MEAN`` holds the block mean minus the shift.
+    """
+    num = len(tensors)
+    flat = [t.reshape(-1) for t in tensors]
+    shifts = jnp.stack([f[0].astype(jnp.float32) for f in flat]).reshape(num, 1)
+
+    def kernel(shift_ref, *refs):
+        in_refs, out_ref = refs[:num], refs[num]
+
+        def body(i, mask):
+            x = _ops.load(in_refs[i], mask, launch).astype(jnp.float32)
+            w = jnp.where(mask, x - shift_ref[i, 0], 0.0)
+            count = jnp.sum(mask.astype(jnp.float32))
+            mean = jnp.sum(w) / count
+            d = jnp.where(mask, w - mean, 0.0)
+            d2 = d * d
+            amax = jnp.max(jnp.where(mask, jnp.abs(x), 0.0))
+            stats = (mean, jnp.sum(d2), jnp.sum(d2 * d), jnp.sum(d2 * d2), amax)
+            lane = jax.lax.broadcasted_iota(jnp.int32, (1, _STATS_WIDTH), 1)
+            row = jnp.zeros((1, _STATS_WIDTH), jnp.float32)
+            for k, value in enumerate(stats):
+                row = jnp.where(lane == k, value, row)
+            _ops.store(out_ref, row, None, launch)
+
+        _branches(seg, body)
+
+    out = pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((seg.num_programs, 1, _STATS_WIDTH), jnp.float32),
+        grid=(seg.num_programs,),
+        in_specs=[_scalar_table_spec(shifts, launch), *_in_specs(seg)],
+        out_specs=pl.BlockSpec((pl.squeezed, 1, _STATS_WIDTH), lambda p: (p, 0, 0)),
+        interpret=launch.interpret,
+        compiler_params=_config.compiler_params(launch, 1, num_warps=8),
+        name="kure_moments",
+    )(shifts, *flat)
+    return out[:, 0, :], shifts[:, 0]
+
+
+def _scalar_table_spec(table: jax.Array, launch: _config.Launch) -> pl.BlockSpec:
+    """A small table read with scalar loads: whole in SMEM on TPU, one block elsewhere."""
+    if launch.platform == "tpu" and not launch.interpret:
+        from jax.experimental.pallas import tpu as pltpu
+
+        return pl.BlockSpec(memory_space=pltpu.SMEM)
+    return pl.BlockSpec(table.shape, lambda p: (0, 0))
+
+
+def merge(seg: Segments, stats: jax.Array, shifts: jax.Array) -> tuple[jax.Array, ...]:
+    r"""Per-tensor ``(mean - shift, m2, m3, m4, absmax)`` (central moments ``E[(x - mu)^k]``).
+
+    ``(stats, shifts)`` is what :func:`block_stats` returns; add ``shifts`` to the first entry
+    for the mean. Blocks are merged exactly by moving
+    each block's centred sums to the tensor mean: with ``d_b = mean_b - mean`` (both shifted),
+
+    .. math:: M_2 = \sum_b M_{2,b} + n_b d_b^2, \quad
+              M_3 = \sum_b M_{3,b} + 3 d_b M_{2,b} + n_b d_b^3, \quad
+              M_4 = \sum_b M_{4,b} + 4 d_b M_{3,b} + 6 d_b^2 M_{2,b} + n_b d_b^4 .
+    """
+    tid_np, n_b = seg.block_counts()
+    num = len(seg.sizes)
+    tid = jnp.asarray(tid_np)
+    n = jnp.asarray(np.asarray(seg.sizes, np.float32))
+    segsum = lambda v: jax.ops.segment_sum(v, tid, num, indices_are_sorted=True)
+    mean_b, m2_b, m3_b, m4_b = (stats[:, k] for k in (MEAN, M2, M3, M4))
+    mean = segsum(n_b * mean_b) / n
+    d = mean_b - mean[tid]
+    m2 = segsum(m2_b + n_b * d * d)
+    m3 = segsum(m3_b + 3 * d * m2_b + n_b * d**3)
+    m4 = segsum(m4_b + 4 * d * m3_b + 6 * d * d * m2_b + n_b * d**4)
+    absmax = jax.ops.segment_max(stats[:, ABSMAX], tid, num, indices_are_sorted=True)
+    return mean, m2 / n, m3 / n, m4 / n, absmax
+
+
+def gradients(
+    seg: Segments, tensors: Sequence[jax.Array], coefs: jax.Array, launch: _config.Launch
+) -> list[jax.Array]:
+    r"""Per-element ``g = a_i ((w - mu_i)^3 - m3_i) - b_i (w - mu_i)`` for every tensor ``i``.
+
+    ``coefs`` is float32 ``(num_tensors, 5)`` with rows ``(shift_i, mu_i - shift_i, m3_i, a_i,
+    b_i)``; ``w - mu_i`` is computed as ``(w - shift_i) - (mu_i - shift_i)`` for precision, as in
+    :func:`block_stats`. Reads each tensor once and writes its gradient once, in the tensor's
+    dtype and shape.
+    """
+    num = len(tensors)
+
+    def kernel(*refs):
+        coef_ref, in_refs, out_refs = refs[0], refs[1 : 1 + num], refs[1 + num :]
+
+        def body(i, mask):
+            shift, mu, m3, a, b = (coef_ref[i, k] for k in range(5))
+            d = (_ops.load(in_refs[i], mask, launch).astype(jnp.float32) - shift) - mu
+            g = a * (d * d * d - m3) - b * d
+            _ops.store(out_refs[i], g.astype(out_refs[i].dtype), mask, launch)
+
+        _branches(seg, body)
+
+    coef_spec = _scalar_table_spec(coefs, launch)
+    flat = [t.reshape(-1) for t in tensors]
+    specs = _in_specs(seg)
+    grads = pl.pallas_call(
+        kernel,
+        out_shape=[jax.ShapeDtypeStruct(f.shape, f.dtype) for f in flat],
+        grid=(seg.num_programs,),
+        in_specs=[coef_spec, *specs],
+        out_specs=specs,
+        interpret=launch.interpret,
+        # Sequential on TPU: an output block that a program leaves untouched is written back
+        # with the data of the program before it, which must be the one that computed it.
+        compiler_params=_config.compiler_params(launch, 1, num_warps=8, parallel=False),
+        name="kure_moments_grad",
+    )(coefs, *flat)
+    return [g.reshape(t.shape) for g, t in zip(grads, tensors, strict=True)]

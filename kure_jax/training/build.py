@@ -1,0 +1,115 @@
+"""Building the model, QAT settings and step settings a training config describes."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from kure_jax.models import get_model
+from kure_jax.selection import LeafPredicate, paper_selection
+from kure_jax.training.step import StepConfig
+
+__all__ = ["build_model", "kure_selection", "qat_config", "step_config"]
+
+PyTree = Any
+
+
+def build_model(config: ml_collections.ConfigDict, *, axis_name: str | None) -> nn.Module:
+    """The classifier of ``config.model`` in ``config.dtype``.
+
+    Args:
+      config: a training config.
+      axis_name: BatchNorm's cross-device axis (``"batch"`` under ``pmap``, else ``None``).
+
+    Returns:
+      An unbound Flax module with the fields in ``config.model_options`` (e.g.
+      ``features``/``hidden`` of ``small_cnn``).
+
+    Raises:
+      ValueError: for an unknown model name, option or dtype (from
+        :func:`kure_jax.models.get_model`, which lists the allowed ones).
+    """
+    options = config.model_options.to_dict() if "model_options" in config else {}
+    # JSON (checkpointed configs) turns tuples into lists; module fields should be hashable.
+    options = {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}
+    return get_model(
+        config.model,
+        num_classes=config.num_classes,
+        dtype=jnp.dtype(config.dtype),
+        bn_axis_name=axis_name,
+        **options,
+    )
+
+
+def qat_config(config: ml_collections.ConfigDict) -> Any:
+    """A ``kure_jax.qat.QATConfig`` from ``config.qat`` if ``enabled``, else ``None``.
+
+    Every field of ``config.qat`` except ``enabled`` is passed to ``QATConfig``, which
+    validates them (ValueError with the allowed values).
+    """
+    if not config.qat.enabled:
+        return None
+    from kure_jax.qat import QATConfig  # only QAT runs need it
+
+    fields = {k: v for k, v in config.qat.to_dict().items() if k != "enabled"}
+    return QATConfig(**fields)
+
+
+def kure_selection(
+    config: ml_collections.ConfigDict, model: nn.Module, input_shape: Sequence[int]
+) -> LeafPredicate | None:
+    """``config.kure.selection`` as a predicate for :func:`kure_jax.penalty`.
+
+    ``"kernels"`` -> ``None`` (every conv/dense kernel); ``"paper"`` ->
+    :func:`kure_jax.paper_selection`, which reads layer order from the insertion order of
+    Flax's variable dicts. ``jit`` returns key-sorted dicts, so the selection is built
+    while tracing ``model.init`` (abstractly, no FLOPs), where the dicts are in call order.
+
+    Args:
+      config: a training config.
+      model: the Flax classifier.
+      input_shape: ``(height, width, channels)`` of one image.
+
+    Raises:
+      ValueError: for another selection name, or from :func:`kure_jax.paper_selection`.
+    """
+    if config.kure.selection == "kernels":
+        return None
+    if config.kure.selection != "paper":
+        raise ValueError(
+            f"config.kure.selection must be 'kernels' or 'paper'; got {config.kure.selection!r}."
+        )
+    found: list[LeafPredicate] = []
+
+    def init(x: jax.Array) -> PyTree:
+        variables = model.init(jax.random.key(0), x, train=False)
+        found.append(paper_selection(variables["params"]))  # names/shapes only: tracer-safe
+        return variables
+
+    jax.eval_shape(init, jax.ShapeDtypeStruct((1, *input_shape), jnp.float32))
+    return found[0]
+
+
+def step_config(
+    config: ml_collections.ConfigDict,
+    model: nn.Module,
+    input_shape: Sequence[int],
+    *,
+    axis_name: str | None,
+) -> StepConfig:
+    """The :class:`StepConfig` of a training config (see :func:`kure_selection`)."""
+    return StepConfig(
+        num_classes=config.num_classes,
+        kure_lambda=float(config.kure.lambda_),
+        kure_target=float(config.kure.target),
+        kure_where=kure_selection(config, model, input_shape),
+        kure_reduction=config.kure.reduction,
+        label_smoothing=float(config.label_smoothing),
+        qat=qat_config(config),
+        axis_name=axis_name,
+    )

@@ -1,0 +1,269 @@
+"""``train_and_evaluate(config, workdir)``: the whole training program, resumable."""
+
+from __future__ import annotations
+
+import pathlib
+import time
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+
+from kure_jax.data.pipeline import Dataset, get_dataset
+from kure_jax.kurtosis import kurtosis_report
+from kure_jax.training.build import build_model, qat_config, step_config
+from kure_jax.training.checkpoint import Checkpoints, restore_for_eval
+from kure_jax.training.config import config_to_json, every_steps, total_steps, validate_config
+from kure_jax.training.metrics import MetricsWriter, Progress, format_metrics, mean_metrics
+from kure_jax.training.optim import make_optimizer, make_schedule
+from kure_jax.training.parallel import Parallel, make_parallel
+from kure_jax.training.state import TrainState, create_train_state, state_from_tree, state_to_tree
+from kure_jax.training.step import StepConfig, make_eval_step, make_train_step
+
+__all__ = ["NonFiniteLossError", "TrainResult", "evaluate", "train_and_evaluate"]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Training produced a NaN/Inf loss, gradient or state; nothing from that step was saved.
+
+    Attributes:
+      step: the 1-based optimizer step whose result was not finite.
+      metrics: that step's metrics.
+    """
+
+    def __init__(self, step: int, metrics: dict[str, float]) -> None:
+        self.step = step
+        self.metrics = metrics
+        shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k != "finite")
+        super().__init__(
+            f"Non-finite loss, gradient or state at step {step} ({shown}). Training stopped and "
+            "no checkpoint of this state was written; lower the learning rate or the KURE "
+            "lambda, or check the input data, then rerun to resume from the last checkpoint."
+        )
+
+
+class TrainResult(NamedTuple):
+    """What :func:`train_and_evaluate` returns.
+
+    Attributes:
+      state: the final state, with unsharded-equivalent (replicated) arrays.
+      eval_metrics: the last evaluation: ``accuracy``, ``loss``, ``count``, ``kurtosis``.
+    """
+
+    state: TrainState
+    eval_metrics: dict[str, Any]
+
+
+def evaluate(
+    eval_step: Callable[[TrainState, Any], dict[str, jax.Array]],
+    state: TrainState,
+    dataset: Dataset,
+    parallel: Parallel,
+    batch_size: int,
+) -> dict[str, float]:
+    """Accuracy and mean cross-entropy over the whole evaluation split.
+
+    Args:
+      eval_step: ``parallel.compile_eval_step(make_eval_step(...))``.
+      state: the state as placed by ``parallel``.
+      dataset: the dataset; its eval batches are placed by ``parallel``.
+      parallel: the data-parallel strategy.
+      batch_size: global eval batch size.
+
+    Returns:
+      ``{"accuracy", "loss", "count"}`` over the unmasked examples.
+    """
+    totals: dict[str, float] = {}
+    for batch in dataset.eval_batches(
+        global_batch_size=batch_size,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    ):
+        sums = parallel.metrics_to_host(eval_step(state, parallel.place_batch(batch)))
+        for key, value in sums.items():
+            totals[key] = totals.get(key, 0.0) + float(value)
+    count = totals["count"]
+    return {"accuracy": totals["correct"] / count, "loss": totals["loss_sum"] / count,
+            "count": int(count)}
+
+
+def _check_sizes(config: ml_collections.ConfigDict, dataset: Dataset, parallel: Parallel) -> None:
+    if dataset.num_classes != config.num_classes:
+        raise ValueError(
+            f"config.num_classes={config.num_classes} but dataset {config.dataset!r} has "
+            f"{dataset.num_classes} classes."
+        )
+    for field in ("batch_size", "eval_batch_size"):
+        if config[field] % parallel.num_devices:
+            raise ValueError(
+                f"config.{field}={config[field]} must be divisible by the number of devices "
+                f"({parallel.num_devices})."
+            )
+    if config.batch_size > dataset.num_train_examples:
+        raise ValueError(
+            f"config.batch_size={config.batch_size} exceeds the {dataset.num_train_examples} "
+            f"training examples of {config.dataset!r}."
+        )
+
+
+def _layer_kurtosis(state: TrainState, spec: StepConfig) -> dict[str, float]:
+    report = jax.device_get(kurtosis_report(state.params, spec.kure_where))
+    return {name: float(value) for name, value in report.items()}
+
+
+def train_and_evaluate(
+    config: ml_collections.ConfigDict,
+    workdir: str | pathlib.Path,
+    *,
+    stop_at_step: int | None = None,
+) -> TrainResult:
+    """Trains ``config.model`` on ``config.dataset`` with KURE (and QAT), evaluating and
+    checkpointing into ``workdir``; resumes from the latest checkpoint there.
+
+    A resumed run continues exactly like an uninterrupted one: the state is restored
+    bit for bit, the batch of step ``s`` is a pure function of ``(config.seed, s)`` and
+    the step's RNG is ``fold_in(state.rng, s)``.
+
+    Args:
+      config: a training config (see ``configs/mnist5k_kure.py``).
+      workdir: directory for checkpoints, ``metrics.jsonl`` and TensorBoard files.
+      stop_at_step: end this call at that step (after a checkpoint) instead of at the end
+        of training, e.g. to fit a job time limit; calling again resumes.
+
+    Returns:
+      A :class:`TrainResult` with the final state and the last evaluation.
+
+    Raises:
+      ValueError: for an invalid config (see :func:`validate_config`), an unknown
+        dataset, or batch sizes that do not divide over the devices.
+      NonFiniteLossError: if a step's loss, gradients or new state are not finite;
+        checkpoints written before it remain, none of the bad state is written.
+    """
+    validate_config(config)
+    workdir = pathlib.Path(workdir)
+    dataset = get_dataset(config.dataset, **config.dataset_options.to_dict())
+    parallel = make_parallel(config.parallel)
+    _check_sizes(config, dataset, parallel)
+
+    steps_per_epoch = dataset.num_train_examples // config.batch_size
+    num_steps = total_steps(config, steps_per_epoch)
+    end_step = num_steps if stop_at_step is None else min(num_steps, stop_at_step)
+    log_every = config.log_every_steps
+    eval_every = every_steps(config.eval_every_steps, steps_per_epoch)
+    ckpt_every = every_steps(config.checkpoint_every_steps, steps_per_epoch)
+
+    schedule = make_schedule(config, steps_per_epoch=steps_per_epoch, num_steps=num_steps)
+    model = build_model(config, axis_name=parallel.axis_name)
+    qat = qat_config(config)
+    sample_images = None
+    if qat is not None:  # the whole first global batch, identical on every process
+        first = dataset.train_batches(
+            seed=config.seed, start_step=0, global_batch_size=config.batch_size
+        )
+        sample_images = next(first)["image"]
+    is_chief = jax.process_index() == 0
+    checkpoints = Checkpoints(workdir, keep=config.keep_checkpoints, keep_best=config.keep_best)
+    start_step = checkpoints.latest_step() or 0
+    pretrained = None
+    if config.init_from and not start_step:  # a resumed run has its own weights
+        _, _, pretrained = restore_for_eval(config.init_from, which="best")
+        if is_chief:
+            logging.info("Initialising params and batch_stats from %s.", config.init_from)
+    state = create_train_state(
+        model,
+        rng=jax.random.key(config.seed),
+        input_shape=dataset.image_shape,
+        tx=make_optimizer(config, schedule),
+        qat=qat,
+        sample_images=sample_images,
+        pretrained=pretrained,
+    )
+    spec = step_config(config, model, dataset.image_shape, axis_name=parallel.axis_name)
+    config_json = config_to_json(config)
+    meta = {"image_shape": list(dataset.image_shape), "steps_per_epoch": steps_per_epoch,
+            "num_steps": num_steps}
+    if start_step:
+        abstract = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=parallel.canonical_sharding),
+            jax.eval_shape(state_to_tree, state),
+        )
+        state = state_from_tree(state, checkpoints.restore(start_step, abstract))
+        if is_chief:
+            logging.info("Resuming from step %d in %s.", start_step, workdir)
+    state = parallel.place_state(state)
+
+    train_step = parallel.compile_train_step(make_train_step(model, spec))
+    eval_step = parallel.compile_eval_step(make_eval_step(model, spec))
+    writer = MetricsWriter(workdir, enabled=is_chief)
+    progress = Progress(start_step, num_steps, enabled=is_chief)
+    batches = dataset.train_batches(
+        seed=config.seed,
+        start_step=start_step,
+        global_batch_size=config.batch_size,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+
+    def save(step: int, *, latest: bool, eval_metrics: dict[str, float] | None) -> None:
+        tree = state_to_tree(parallel.canonical_state(state))
+        checkpoints.save(
+            step, tree, config=config_json, meta=meta, latest=latest, eval_metrics=eval_metrics
+        )
+
+    def run_eval() -> dict[str, Any]:
+        metrics = evaluate(eval_step, state, dataset, parallel, config.eval_batch_size)
+        metrics["kurtosis"] = _layer_kurtosis(parallel.canonical_state(state), spec)
+        return metrics
+
+    unchecked: list[tuple[int, Any]] = []  # device metrics not yet fetched
+    window: list[dict[str, float]] = []  # fetched metrics since the last log line
+    window_start, paused = time.perf_counter(), 0.0  # paused: eval/checkpoint time in window
+    eval_metrics: dict[str, Any] = {}
+    try:
+        for step in range(start_step + 1, end_step + 1):
+            state, metrics = train_step(state, parallel.place_batch(next(batches)))
+            unchecked.append((step, metrics))
+            progress.update()
+            is_eval = step % eval_every == 0 or step == num_steps
+            is_ckpt = step % ckpt_every == 0 or step == end_step
+            if not (step % log_every == 0 or is_eval or is_ckpt):
+                continue
+            # Syncing only here keeps the device busy; every step is checked before any save.
+            for done, device_metrics in unchecked:
+                host = parallel.metrics_to_host(device_metrics)
+                if not host["finite"]:
+                    raise NonFiniteLossError(done, {k: float(v) for k, v in host.items()})
+                window.append(host)
+            unchecked.clear()
+            if step % log_every == 0 or step == end_step:
+                elapsed = time.perf_counter() - window_start - paused
+                summary = mean_metrics(window)
+                summary["learning_rate"] = float(schedule(step - 1))
+                summary["images_per_sec"] = len(window) * config.batch_size / elapsed
+                writer.write("train", step, summary)
+                progress.log(format_metrics(step, num_steps, summary), summary)
+                window, window_start, paused = [], time.perf_counter(), 0.0
+            pause_start = time.perf_counter()
+            if is_eval:
+                eval_metrics = run_eval()
+                writer.write("eval", step, eval_metrics)
+                kurt = list(eval_metrics["kurtosis"].values())
+                progress.log(
+                    f"eval step {step}: accuracy {eval_metrics['accuracy']:.4f} loss "
+                    f"{eval_metrics['loss']:.4f} | kurtosis mean {np.mean(kurt):.3f} "
+                    f"max {np.max(kurt):.3f}"
+                )
+            if is_ckpt or is_eval:
+                best = {"accuracy": eval_metrics["accuracy"]} if is_eval else None
+                save(step, latest=is_ckpt, eval_metrics=best)
+            paused += time.perf_counter() - pause_start
+        if not eval_metrics:  # nothing evaluated in this call (stopped early, or already done)
+            eval_metrics = run_eval()
+    finally:
+        progress.close()
+        writer.close()
+        checkpoints.close()
+    return TrainResult(parallel.canonical_state(state), eval_metrics)

@@ -1,0 +1,156 @@
+"""Checkpoints: bit-exact resume, best-k by accuracy, restore_for_eval, NaN guard."""
+
+import importlib.util
+import json
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+from jax.experimental.compilation_cache import compilation_cache as jax_cache
+
+from kure_jax.data.pipeline import get_dataset
+from kure_jax.training import NonFiniteLossError, restore_for_eval, train_and_evaluate
+
+ROOT = pathlib.Path(__file__).parent.parent
+NUM_STEPS = 6
+
+
+@pytest.fixture(scope="module", autouse=True)
+def persistent_compilation_cache(tmp_path_factory):
+    # These tests compile the same tiny programs again and again: keep them on disk.
+    previous = {
+        name: getattr(jax.config, name)
+        for name in ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
+    }
+    cache = tmp_path_factory.getbasetemp() / "jax_compilation_cache"
+    jax.config.update("jax_compilation_cache_dir", str(cache))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    yield cache
+    for name, value in previous.items():
+        jax.config.update(name, value)
+    jax_cache.reset_cache()
+
+
+def load_config(name, variant=None):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(variant)
+
+
+def tiny_config(**overrides):
+    config = load_config("mnist5k_kure", "tiny")  # 6 steps, checkpoint + eval every 3
+    config.num_train_steps = NUM_STEPS
+    config.update(overrides)
+    return config
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("straight")
+    return workdir, train_and_evaluate(tiny_config(), workdir)
+
+
+def read_metrics(workdir):
+    lines = (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
+
+def test_resume_is_bit_exact(tmp_path, straight):
+    _, expected = straight
+    # Stop at step 4 (between the checkpoints at 3 and 6), then resume to the end. The
+    # cosine schedule spans all 6 steps either way.
+    first = train_and_evaluate(tiny_config(), tmp_path, stop_at_step=4)
+    assert int(first.state.step) == 4
+    assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()) == [3, 4]
+    resumed = train_and_evaluate(tiny_config(), tmp_path)
+    assert int(resumed.state.step) == NUM_STEPS
+    for name in ("params", "batch_stats", "opt_state"):
+        jax.tree.map(
+            lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+            getattr(resumed.state, name),
+            getattr(expected.state, name),
+        )
+    np.testing.assert_array_equal(
+        jax.random.key_data(resumed.state.rng), jax.random.key_data(expected.state.rng)
+    )
+    assert resumed.eval_metrics["accuracy"] == expected.eval_metrics["accuracy"]
+    steps = [(r["kind"], r["step"]) for r in read_metrics(tmp_path)]
+    assert ("train", 4) in steps and ("eval", 6) in steps
+
+
+def test_metrics_jsonl_records(straight):
+    workdir, result = straight
+    records = read_metrics(workdir)
+    train = [r for r in records if r["kind"] == "train"]
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert [r["step"] for r in train] == [2, 4, 6] and [r["step"] for r in evals] == [3, 6]
+    for key in ("loss", "ce", "kure", "accuracy", "kurtosis_mean", "kurtosis_max",
+                "images_per_sec", "learning_rate", "grad_norm"):
+        assert np.isfinite(train[-1][key]), key
+    np.testing.assert_allclose(train[-1]["loss"], train[-1]["ce"] + train[-1]["kure"], rtol=1e-5)
+    assert set(evals[-1]["kurtosis"]) == {"conv1/kernel", "hidden/kernel"}  # paper selection
+    assert evals[-1]["accuracy"] == result.eval_metrics["accuracy"]
+    assert evals[-1]["count"] == 1000
+
+
+def test_best_checkpoint_has_the_highest_eval_accuracy(straight):
+    workdir, _ = straight
+    evals = [r for r in read_metrics(workdir) if r["kind"] == "eval"]
+    best = max(evals, key=lambda r: (r["accuracy"], -r["step"]))
+    assert [int(p.name) for p in (workdir / "best").iterdir()] == [best["step"]]  # keep_best=1
+
+
+@pytest.mark.parametrize("which", ["latest", "best"])
+def test_restore_for_eval_rebuilds_model_without_flags(straight, which):
+    workdir, result = straight
+    config, model, variables = restore_for_eval(workdir, which=which)
+    assert config.to_json() == tiny_config().to_json()
+    assert set(variables) == {"params", "batch_stats"}
+    if which == "latest":
+        jax.tree.map(np.testing.assert_array_equal, variables["params"], result.state.params)
+        # The restored model reproduces the run's final test accuracy.
+        test = get_dataset("mnist5k")
+        logits = model.apply(variables, test.eval_images, train=False)
+        accuracy = np.mean(np.argmax(np.asarray(logits), -1) == test.eval_labels)
+        np.testing.assert_allclose(accuracy, result.eval_metrics["accuracy"])
+    step_dir = workdir / "checkpoints" / str(NUM_STEPS)
+    _, _, same = restore_for_eval(step_dir)
+    jax.tree.map(np.testing.assert_array_equal, same["params"], result.state.params)
+
+
+def test_restore_for_eval_errors(tmp_path, straight):
+    with pytest.raises(FileNotFoundError, match="No checkpoint"):
+        restore_for_eval(tmp_path)
+    with pytest.raises(ValueError, match="'best' or 'latest'"):
+        restore_for_eval(straight[0], which="first")
+
+
+def test_non_finite_loss_stops_without_saving_the_bad_state(tmp_path):
+    # A checkpoint after every step: without the guard the diverged state would be saved.
+    config = tiny_config(learning_rate=100.0, checkpoint_every_steps=1, eval_every_steps=100)
+    with pytest.raises(NonFiniteLossError, match="Non-finite") as info:
+        train_and_evaluate(config, tmp_path)
+    bad_step = info.value.step
+    assert 1 < bad_step <= NUM_STEPS and not np.isfinite(info.value.metrics["loss"])
+    saved = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    assert saved and all(step < bad_step for step in saved)
+    for step in saved:  # every checkpoint that exists holds a finite state
+        _, _, variables = restore_for_eval(tmp_path / "checkpoints" / str(step))
+        assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(variables))
+
+
+def test_init_from_starts_qat_from_a_previous_run(tmp_path, straight):
+    pytest.importorskip("kure_jax.qat")
+    source, _ = straight
+    _, _, best = restore_for_eval(source)
+    config = tiny_config(init_from=str(source), num_train_steps=1, learning_rate=1e-9)
+    config.weight_decay, config.qat.enabled = 0.0, True
+    result = train_and_evaluate(config, tmp_path)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
+        result.state.params,
+        best["params"],
+    )
+    assert result.state.quant, "LSQ steps are initialised for the loaded weights"
