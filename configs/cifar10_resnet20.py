@@ -2,8 +2,8 @@
 
     python train.py --config configs/cifar10_resnet20.py --workdir runs/cifar10_resnet20
 
-Needs the ``cifar10`` TFDS input pipeline, which does not exist yet: until it does,
-start-up fails with "Dataset 'cifar10' needs the TFDS input pipeline ...".
+Reads CIFAR-10 through TFDS (``--config.dataset_options.data_dir=DIR`` for a non-default
+TFDS directory); a missing dataset fails at start-up with the ``tfds build`` command to run.
 """
 
 import pathlib
@@ -19,6 +19,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     config.model = "resnet20"
     config.model_options = ml_collections.ConfigDict()
     config.dataset_options = ml_collections.ConfigDict()
+    config.dataset_options.data_dir = ml_collections.config_dict.placeholder(str)
     config.dataset = "cifar10"
     config.num_classes = 10
     config.batch_size = 128

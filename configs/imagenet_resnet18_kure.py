@@ -5,9 +5,9 @@
 SGD momentum 0.9, weight decay 1e-4, lr 1e-3 divided by 10 every 30 epochs, batch 256,
 90 epochs, K_T = 1.8, lambda = 1.0 on every conv but the first (not the classifier).
 The paper fine-tunes torchvision-pretrained weights; kure_jax cannot load those yet,
-so this recipe records the paper's hyperparameters. It needs the ``imagenet2012`` TFDS
-input pipeline, which does not exist yet: until it does, start-up fails with
-"Dataset 'imagenet2012' needs the TFDS input pipeline ...".
+so this recipe records the paper's hyperparameters. ImageNet is read through TFDS:
+put ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar in a manual dir and pass
+``--config.dataset_options.manual_dir=DIR`` (and ``data_dir`` for the prepared data).
 """
 
 import pathlib
@@ -23,6 +23,8 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     config.model = "resnet18"
     config.model_options = ml_collections.ConfigDict()
     config.dataset_options = ml_collections.ConfigDict()
+    config.dataset_options.data_dir = ml_collections.config_dict.placeholder(str)
+    config.dataset_options.manual_dir = ml_collections.config_dict.placeholder(str)
     config.dataset = "imagenet2012"
     config.num_classes = 1000
     config.batch_size = 256

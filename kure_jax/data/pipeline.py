@@ -268,10 +268,31 @@ def _mnist5k(*, max_shift: int = 0, **unknown: Any) -> Dataset:
     )
 
 
-_FACTORIES: Mapping[str, Callable[..., Dataset]] = types.MappingProxyType({"mnist5k": _mnist5k})
+def _tfds(name: str) -> Callable[..., Dataset]:
+    def make(**options: Any) -> Dataset:
+        # Imported here: TensorFlow is loaded only when a TFDS dataset is asked for.
+        from kure_jax.data.tfds_pipeline import tfds_dataset
 
-# Names used by the shipped configs whose (TFDS) pipeline does not exist yet.
-_PLANNED = ("cifar10", "imagenet2012")
+        return tfds_dataset(name, **options)
+
+    return make
+
+
+def _folder(**options: Any) -> Dataset:
+    from kure_jax.data.folder import folder_dataset
+
+    return folder_dataset(**options)
+
+
+_FACTORIES: Mapping[str, Callable[..., Dataset]] = types.MappingProxyType(
+    {
+        "mnist5k": _mnist5k,
+        "mnist": _tfds("mnist"),
+        "cifar10": _tfds("cifar10"),
+        "imagenet2012": _tfds("imagenet2012"),
+        "folder": _folder,
+    }
+)
 
 DATASET_NAMES: tuple[str, ...] = tuple(_FACTORIES)
 
@@ -280,7 +301,7 @@ def get_dataset(name: str, **options: Any) -> Dataset:
     """Builds the dataset a config names.
 
     Args:
-      name: one of ``DATASET_NAMES`` (currently ``"mnist5k"``).
+      name: one of ``DATASET_NAMES`` or ``"tfds:<any tfds name>"``.
       **options: dataset-specific options (``config.dataset_options``); ``mnist5k``
         takes ``max_shift`` (random translation of training images, pixels).
 
@@ -288,15 +309,13 @@ def get_dataset(name: str, **options: Any) -> Dataset:
       A :class:`Dataset`.
 
     Raises:
-      ValueError: for an unknown name (the message lists the available ones), a name
-        whose pipeline is not implemented yet (``"cifar10"``, ``"imagenet2012"``), or
+      ValueError: for an unknown name (the message lists the available ones) or
         unknown options.
+      FileNotFoundError: for a TFDS dataset or folder that is not on disk (the message
+        says what to download and where).
     """
     if name in _FACTORIES:
         return _FACTORIES[name](**options)
-    if name in _PLANNED:
-        raise ValueError(
-            f"Dataset {name!r} needs the TFDS input pipeline, which is not implemented yet; "
-            f"available datasets: {list(DATASET_NAMES)}."
-        )
+    if name.startswith("tfds:"):
+        return _tfds(name)(**options)
     raise ValueError(f"Unknown dataset {name!r}; available datasets: {list(DATASET_NAMES)}.")
