@@ -22,6 +22,11 @@ _DEFAULT_CONFIG = pathlib.Path(__file__).parent / "configs" / "mnist5k_kure.py"
 _CONFIG = config_flags.DEFINE_config_file(
     "config", str(_DEFAULT_CONFIG), "Training config file.", lock_config=True
 )
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False,
+    "Multi-host run (TPU pod, several GPU hosts): call jax.distributed.initialize() first, "
+    "which reads the coordinator from the TPU/cluster environment.",
+)
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Checkpoints and metrics directory (default: runs/<config file name>)."
 )
@@ -36,6 +41,10 @@ def main(argv: list[str]) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     absl_logging.get_absl_handler().addFilter(_not_orbax_info)
+    if _DISTRIBUTED.value:
+        import jax
+
+        jax.distributed.initialize()
     workdir = _WORKDIR.value
     if workdir is None:
         config_path = config_flags.get_config_filename(flags.FLAGS["config"])
