@@ -23,7 +23,7 @@ test: install lint
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 demo: install
-	$(BIN)/python examples/quickstart.py
+	$(BIN)/python -m kure_jax.evaluation.demo
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

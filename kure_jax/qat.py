@@ -63,6 +63,7 @@ __all__ = [
     "QUANT_COLLECTION",
     "QATConfig",
     "init_quant_from_params",
+    "is_quantizable",
     "quantized_apply",
     "quantized_init",
 ]

@@ -187,19 +187,21 @@ def restore_for_eval(
         options=_read_only_options(),
         item_handlers=_handlers(),
     )
-    # Shapes and dtypes come from the checkpoint itself: no model init, no optimizer.
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    abstract = jax.tree.map(
-        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-        manager.item_metadata(step)["state"],
-    )
-    restored = manager.restore(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract), config=ocp.args.JsonRestore()
-        ),
-    )
-    manager.close()
+    try:
+        # Shapes and dtypes come from the checkpoint itself: no model init, no optimizer.
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        abstract = jax.tree.map(
+            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+            manager.item_metadata(step)["state"],
+        )
+        restored = manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract), config=ocp.args.JsonRestore()
+            ),
+        )
+    finally:  # Also after a failed restore: stops Orbax's background threads.
+        manager.close()
     config = config_from_json(restored["config"])
     state = restored["state"]
     variables = {"params": state["params"], "batch_stats": state["batch_stats"]}

@@ -1,0 +1,181 @@
+"""``make demo``: train the mnist5k baseline and KURE models, sweep both, print the comparison.
+
+    python -m kure_jax.evaluation.demo                        # 1 seed: ~6 min on 2 CPU cores
+    python -m kure_jax.evaluation.demo --seeds 3 --qat --dorefa --ablation  # docs/results.md
+
+Trains each recipe with ``kure_jax.training.train_and_evaluate`` into ``WORKDIR/<recipe>_s<seed>``
+(an existing finished run is reused: training resumes from its last checkpoint), runs the sweep
+(``configs/sweeps/default.py``) over all of them with ``run_sweep`` into ``WORKDIR/eval``, then
+prints the summary table (means over seeds) and checks the issue's claims for KURE vs baseline.
+
+Recipes (group names in the report):
+
+* ``baseline``: ``configs/mnist5k_baseline.py`` (lambda 0); ``kure``: ``configs/mnist5k_kure.py``.
+* ``--qat``: ``qat_baseline`` / ``qat_kure``: ``configs/mnist5k_qat_w4a4.py`` (LSQ W4A4) with
+  lambda 0 / 1.
+* ``--dorefa``: ``dorefa_baseline`` / ``dorefa_kure``: the same W4A4 QAT with DoReFa weight and
+  activation quantizers (the paper's QAT robustness experiment).
+* ``--ablation``: ``kure_kt3`` / ``kure_kt4``: KURE with target K_T = 3 / 4 (``kure`` is 1.8).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import pathlib
+import runpy
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from kure_jax.evaluation.report import summary_table
+from kure_jax.evaluation.runner import run_sweep
+from kure_jax.evaluation.spec import load_sweep
+
+__all__ = ["RECIPES", "claims", "claims_markdown", "main"]
+
+_DOREFA = {"qat.weight_quantizer": "dorefa", "qat.act_quantizer": "dorefa"}
+# recipe -> (config file, overrides)
+RECIPES: dict[str, tuple[str, dict[str, Any]]] = {
+    "baseline": ("mnist5k_baseline.py", {}),
+    "kure": ("mnist5k_kure.py", {}),
+    "qat_baseline": ("mnist5k_qat_w4a4.py", {"kure.lambda_": 0.0}),
+    "qat_kure": ("mnist5k_qat_w4a4.py", {}),
+    "dorefa_baseline": ("mnist5k_qat_w4a4.py", {"kure.lambda_": 0.0, **_DOREFA}),
+    "dorefa_kure": ("mnist5k_qat_w4a4.py", _DOREFA),
+    "kure_kt3": ("mnist5k_kure.py", {"kure.target": 3.0}),
+    "kure_kt4": ("mnist5k_kure.py", {"kure.target": 4.0}),
+}
+
+
+def _mean(data: Mapping[str, Any], group: str, kind: str, pick) -> float | None:
+    """Mean over the group's checkpoints of ``pick(points of one checkpoint)``."""
+    labels = [c["label"] for c in data["checkpoints"] if c["group"] == group]
+    values = []
+    for label in labels:
+        points = [p for p in data["points"] if p["checkpoint"] == label and p["kind"] == kind]
+        value = pick(points) if points else None
+        if value is not None:
+            values.append(value)
+    return float(np.mean(values)) if values else None
+
+
+def claims(data: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The issue's acceptance numbers, KURE vs baseline, each the mean over the seeds.
+
+    Returns:
+      One dict per claim with ``claim``, ``kure``, ``baseline``, ``difference`` (points),
+      ``required`` (a string such as ``">= +20"``) and ``holds`` (bool, or None when a group
+      is missing). The QAT claim is checked for the LSQ pair and, if run, the DoReFa pair.
+    """
+    fp = lambda pts: pts[0]["accuracy"]
+    w2 = lambda pts: next((p["accuracy"] for p in pts if p["quantizer"] == "max"
+                           and p["weight_bits"] == 2), None)
+    ratio3 = lambda pts: min((p["accuracy"] for p in pts if p["weight_bits"] == 3), default=None)
+    qat3 = lambda pts: next((p["accuracy"] for p in pts if p["weight_bits"] == 3), None)
+    specs = [
+        ("FP accuracy kept", "fp", fp, "kure", "baseline", lambda d: abs(d) <= 0.5, "within ±0.5"),
+        ("W2 per-tensor max-abs PTQ", "weight", w2, "kure", "baseline", lambda d: d >= 20,
+         ">= +20"),
+        ("worst over step ratios 0.7..1.3, W3", "step_ratio", ratio3, "kure", "baseline",
+         lambda d: d >= 5, ">= +5"),
+        ("W4A4-QAT (LSQ) model evaluated at W3", "qat_bits", qat3, "qat_kure", "qat_baseline",
+         lambda d: d >= 10, ">= +10"),
+        ("W4A4-QAT (DoReFa) model evaluated at W3", "qat_bits", qat3, "dorefa_kure",
+         "dorefa_baseline", lambda d: d >= 10, ">= +10"),
+    ]
+    out = []
+    for name, kind, pick, kure, base, test, required in specs:
+        a, b = _mean(data, kure, kind, pick), _mean(data, base, kind, pick)
+        diff = None if a is None or b is None else 100 * (a - b)
+        out.append({"claim": name, "kure": a, "baseline": b, "difference": diff,
+                    "required": required, "holds": None if diff is None else bool(test(diff))})
+    return out
+
+
+def claims_markdown(data: Mapping[str, Any]) -> str:
+    """:func:`claims` as a markdown table (accuracies in %); claims whose groups were not run
+    are listed below it."""
+    seeds = {g: sum(c["group"] == g for c in data["checkpoints"])
+             for g in ("kure", "baseline", "qat_kure", "qat_baseline", "dorefa_kure",
+                       "dorefa_baseline")}
+    shown = ", ".join(f"{g} {n}" for g, n in seeds.items() if n)
+    lines = [f"Checkpoints (seeds) per group: {shown}.", "",
+             "| claim | KURE | baseline | difference (points) | required | holds |",
+             "|---|---|---|---|---|---|"]
+    fmt = lambda v: "–" if v is None else f"{100 * v:.1f}"
+    skipped = []
+    for c in claims(data):
+        if c["holds"] is None:
+            skipped.append(c["claim"])
+            continue
+        diff = f"{c['difference']:+.1f}"
+        holds = "yes" if c["holds"] else "**no**"
+        lines.append(f"| {c['claim']} | {fmt(c['kure'])} | {fmt(c['baseline'])} | {diff} | "
+                     f"{c['required']} | {holds} |")
+    if skipped:
+        lines += ["", f"Not run (add --qat / --dorefa): {'; '.join(skipped)}."]
+    return "\n".join(lines)
+
+
+def _train(config_path: pathlib.Path, overrides: Mapping[str, Any], seed: int,
+           workdir: pathlib.Path) -> float:
+    from kure_jax.training import train_and_evaluate
+
+    config = runpy.run_path(str(config_path))["get_config"]()
+    config.seed = seed
+    for key, value in overrides.items():
+        section, field = key.split(".")
+        config[section][field] = value
+    return train_and_evaluate(config, workdir).eval_metrics["accuracy"]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", default="runs/demo")
+    parser.add_argument("--seeds", type=int, default=1, help="seeds per recipe (0, 1, ...)")
+    parser.add_argument("--qat", action="store_true", help="add the W4A4 QAT pair")
+    parser.add_argument("--dorefa", action="store_true", help="add the W4A4 DoReFa QAT pair")
+    parser.add_argument("--ablation", action="store_true", help="add K_T = 3 and 4")
+    parser.add_argument("--configs", default="configs", help="directory of the configs")
+    parser.add_argument("--sweep", default=None, help="sweep file (default: default.py)")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    logging.getLogger("absl").setLevel(logging.ERROR)  # Orbax's per-checkpoint chatter
+    configs = pathlib.Path(args.configs)
+    spec = load_sweep(args.sweep or configs / "sweeps" / "default.py")
+    recipes = ["baseline", "kure"] + (["qat_baseline", "qat_kure"] if args.qat else []) + (
+        ["dorefa_baseline", "dorefa_kure"] if args.dorefa else []) + (
+        ["kure_kt3", "kure_kt4"] if args.ablation else [])
+    root = pathlib.Path(args.workdir)
+    checkpoints = []
+    start = time.perf_counter()
+    for seed in range(args.seeds):
+        for recipe in recipes:
+            config_file, overrides = RECIPES[recipe]
+            workdir = root / f"{recipe}_s{seed}"
+            t0 = time.perf_counter()
+            accuracy = _train(configs / config_file, overrides, seed, workdir)
+            print(f"trained {workdir}: test accuracy {100 * accuracy:.1f}% "
+                  f"({time.perf_counter() - t0:.0f} s)", flush=True)
+            checkpoints.append(f"{recipe}={workdir}")
+    t0 = time.perf_counter()
+    data = run_sweep(checkpoints, spec, root / "eval",
+                     progress=False if args.no_progress else None)
+    print(f"swept {len(checkpoints)} checkpoints, {len(data['points'])} points "
+          f"({time.perf_counter() - t0:.0f} s); report: {root / 'eval' / 'report.md'}\n")
+    print(summary_table(data, by_group=True))
+    print()
+    print(claims_markdown(data))
+    kurt = {g: np.mean([np.mean(list(c["kurtosis"].values())) for c in data["checkpoints"]
+                        if c["group"] == g]) for g in dict.fromkeys(recipes)}
+    print("\nmean kurtosis of the quantised layers: "
+          + ", ".join(f"{g} {k:.2f}" for g, k in kurt.items()))
+    print(f"total {time.perf_counter() - start:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,223 @@
+"""Evaluation building blocks: quantised forward passes and their accuracy over a test split.
+
+Every evaluation here reduces a batch to three float32 sums, ``[correct, loss_sum, count]``
+over the unmasked rows (the last eval batch is padded with ``mask == 0``), and adds them up
+over the batches in float64 on the host: the accuracy is then exactly the one
+``kure_jax.training.evaluate`` reports.
+
+Continuous sweeps (step ratios, stochastic-rounding keys) are *mapped*: one ``jax.jit``-compiled
+function evaluates all points on a batch with ``jax.lax.map(..., batch_size=chunk)``, so a
+61-point sweep is one compilation and one dispatch per batch instead of 61 of each. The clip
+statistics of the weights (max, MSE search, ...) do not depend on the mapped value, so within a
+vmapped chunk they are computed once (and XLA may hoist them out of the ``lax.map`` loop).
+
+On CPU a vmapped conv whose kernel differs per point lowers to a grouped convolution, which is
+several times slower than ``chunk=1``; on accelerators larger chunks can pay off.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from kure_jax.policy import QuantPolicy
+from kure_jax.ptq import quantize_params
+from kure_jax.selection import LeafPredicate
+
+__all__ = [
+    "Metrics",
+    "batch_sums",
+    "classifier_apply",
+    "evaluate",
+    "evaluate_mapped",
+    "make_eval_step",
+    "mapped_eval_step",
+    "metrics_from_sums",
+    "ptq_transform",
+]
+
+PyTree = Any
+Batch = Mapping[str, np.ndarray]
+ApplyFn = Callable[[PyTree, jax.Array], jax.Array]
+
+
+class Metrics(NamedTuple):
+    """Accuracy (fraction in [0, 1]), mean cross-entropy and number of test images."""
+
+    accuracy: float
+    loss: float
+    count: int
+
+
+def classifier_apply(model: nn.Module, *, qat: Any = None) -> ApplyFn:
+    """``apply(variables, images) -> logits`` of a classifier in inference mode.
+
+    Args:
+      model: a Flax classifier taking ``(images, train=False)``.
+      qat: a ``kure_jax.qat.QATConfig`` to run the model fake-quantised as trained
+        (``variables`` then holds its ``"quant"`` collection), or ``None`` for float.
+
+    Returns:
+      A pure function of ``(variables, images (B, H, W, C))`` returning float32 logits
+      ``(B, num_classes)``; not jitted (callers compose and jit it).
+    """
+    if qat is None or not qat.quantizes:
+        return lambda variables, images: model.apply(variables, images, train=False)
+    from kure_jax.qat import quantized_apply
+
+    return lambda variables, images: quantized_apply(
+        model, variables, images, qat=qat, train=False
+    )
+
+
+def batch_sums(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.Array:
+    """``[correct, loss_sum, count]`` over the rows with ``mask == 1``.
+
+    Args:
+      logits: float ``(B, C)``.
+      labels: int ``(B,)``.
+      mask: float ``(B,)`` of 0/1.
+
+    Returns:
+      float32 ``(3,)``.
+    """
+    logits = logits.astype(jnp.float32)
+    mask = mask.astype(jnp.float32)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    correct = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
+    return jnp.stack([jnp.sum(correct * mask), jnp.sum(ce * mask), jnp.sum(mask)])
+
+
+def metrics_from_sums(sums: np.ndarray) -> Metrics:
+    """``Metrics`` from summed ``[correct, loss_sum, count]`` (shape ``(3,)``)."""
+    correct, loss_sum, count = (float(v) for v in sums)
+    if count <= 0:
+        raise ValueError("the evaluation split yielded no unmasked example.")
+    return Metrics(accuracy=correct / count, loss=loss_sum / count, count=round(count))
+
+
+def _run(step: Callable[..., jax.Array], args: tuple, batches: Iterable[Batch]) -> np.ndarray:
+    total = None
+    for batch in batches:
+        sums = np.asarray(step(*args, batch["image"], batch["label"], batch["mask"]), np.float64)
+        total = sums if total is None else total + sums
+    if total is None:
+        raise ValueError("the evaluation split yielded no batch.")
+    return total
+
+
+def make_eval_step(apply_fn: ApplyFn) -> Callable[..., jax.Array]:
+    """``jit(step(variables, images, labels, mask) -> [correct, loss_sum, count])``.
+
+    Build it once per model and reuse it: new ``variables`` values (e.g. other quantised
+    weights) of the same shapes run the same compiled program.
+    """
+    return jax.jit(lambda variables, images, labels, mask: batch_sums(
+        apply_fn(variables, images), labels, mask))
+
+
+def evaluate(
+    step: Callable[..., jax.Array], variables: PyTree, batches: Iterable[Batch]
+) -> Metrics:
+    """Accuracy and loss of a step from :func:`make_eval_step` over ``batches``.
+
+    Args:
+      step: ``step(variables, images, labels, mask) -> (3,)`` sums.
+      variables: the model variables.
+      batches: dicts with ``image`` (B, H, W, C), ``label`` (B,) int and ``mask`` (B,).
+
+    Returns:
+      :class:`Metrics` over the unmasked rows.
+
+    Raises:
+      ValueError: if ``batches`` is empty or fully masked.
+    """
+    return metrics_from_sums(_run(step, (variables,), batches))
+
+
+def mapped_eval_step(
+    apply_fn: ApplyFn,
+    transform: Callable[[PyTree, jax.Array], PyTree],
+    *,
+    chunk: int = 1,
+) -> Callable[..., jax.Array]:
+    """A jitted step that evaluates many variants of the variables in one program.
+
+    ``step(variables, xs, images, labels, mask)`` returns float32 ``(P, 3)`` sums, row ``p``
+    for ``apply_fn(transform(variables, xs[p]), images)``; ``xs`` has a leading axis ``P``
+    (e.g. step ratios, or typed PRNG keys).
+
+    Args:
+      apply_fn: ``(variables, images) -> logits``.
+      transform: ``(variables, x) -> variables``, e.g. weight PTQ at step ratio ``x``.
+      chunk: points evaluated together by ``vmap`` inside the compiled ``lax.map`` loop
+        (``1``: a compiled loop, one point at a time).
+
+    Raises:
+      ValueError: if ``chunk < 1``.
+    """
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1; got {chunk}.")
+
+    def step(variables, xs, images, labels, mask):
+        def point(x):
+            return batch_sums(apply_fn(transform(variables, x), images), labels, mask)
+
+        return jax.lax.map(point, xs, batch_size=chunk)
+
+    return jax.jit(step)
+
+
+def ptq_transform(
+    policy: QuantPolicy, *, where: LeafPredicate | None, over: str | None = None
+) -> Callable[..., PyTree]:
+    """``transform(variables[, x])``: ``variables`` with ``quantize_params`` applied to
+    ``variables["params"]``.
+
+    Args:
+      policy: the weight quantizer.
+      where: the leaf selection of ``quantize_params``.
+      over: ``None`` (``transform(variables)``; a stochastic policy then uses
+        ``jax.random.key(0)``), ``"step_ratio"`` (``x`` scales every step) or ``"key"``
+        (``x`` is the rounding key).
+
+    Raises:
+      ValueError: for another ``over``, or ``over="step_ratio"`` with stochastic rounding.
+    """
+    if over not in (None, "step_ratio", "key"):
+        raise ValueError(f"over must be None, 'step_ratio' or 'key'; got {over!r}.")
+    if over == "step_ratio" and policy.rounding == "stochastic":
+        raise ValueError("a step-ratio sweep needs a deterministic rounding; got 'stochastic'.")
+
+    def transform(variables: PyTree, x: Any = None) -> PyTree:
+        if over == "step_ratio":
+            kwargs = {"step_ratio": x}
+        elif over == "key":
+            kwargs = {"key": x}
+        else:
+            kwargs = {"key": jax.random.key(0)} if policy.rounding == "stochastic" else {}
+        params = quantize_params(variables["params"], policy, where=where, **kwargs)
+        return {**variables, "params": params}
+
+    return transform
+
+
+def evaluate_mapped(
+    step: Callable[..., jax.Array],
+    variables: PyTree,
+    xs: jax.Array,
+    batches: Iterable[Batch],
+) -> list[Metrics]:
+    """Runs a mapped step (see :func:`mapped_eval_step`) over ``batches``.
+
+    Returns:
+      One :class:`Metrics` per entry of ``xs``, in order.
+    """
+    total = _run(step, (variables, xs), batches)
+    return [metrics_from_sums(row) for row in total]

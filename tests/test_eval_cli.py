@@ -1,0 +1,171 @@
+"""The eval.py command line: an end-to-end run, and one clear error line plus exit code 2 for
+each bad input (missing, corrupted or mismatched checkpoint; unknown sweep key or file)."""
+
+import json
+import os
+import pathlib
+import runpy
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from kure_jax.evaluation import validate_results
+from kure_jax.training import train_and_evaluate
+
+ROOT = pathlib.Path(__file__).parent.parent
+TINY_SWEEP = str(ROOT / "configs" / "sweeps" / "tiny.py")
+# Child processes skip XLA's optimisation passes too: compile time dominates these runs.
+ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_DISABLE_MOST_OPTIMIZATIONS": "1"}
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    config = runpy.run_path(str(ROOT / "configs" / "mnist5k_kure.py"))["get_config"]("tiny")
+    path = tmp_path_factory.mktemp("cli_run")
+    previous = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", True)
+    try:
+        train_and_evaluate(config, path)
+    finally:
+        jax.config.update("jax_disable_most_optimizations", previous)
+    return path
+
+
+def run_eval(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, str(ROOT / "eval.py"), *map(str, args)], cwd=cwd,
+                          env=ENV, capture_output=True, text=True, timeout=240)
+
+
+def test_cli_end_to_end(workdir, tmp_path):
+    out = tmp_path / "out"
+    result = run_eval("--checkpoint", f"a={workdir}", "--checkpoint", f"b={workdir}",
+                      "--sweep", TINY_SWEEP, "--set", "weight_act.pairs=()",
+                      "--set", "weight.bits=(4, 2)", "--out", out)
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stdout.startswith("| model | FP | W4 max | W2 max |")
+    data = json.loads((out / "results.json").read_text())
+    validate_results(data)
+    labels = [c["label"] for c in data["checkpoints"]]
+    assert labels == [workdir.name, f"{workdir.name}#2"]  # the same run twice: unique labels
+    assert [c["group"] for c in data["checkpoints"]] == ["a", "b"]
+    by_ckpt = {}
+    for p in data["points"]:
+        by_ckpt.setdefault(p["checkpoint"], []).append(p["accuracy"])
+    np.testing.assert_array_equal(*by_ckpt.values())  # deterministic: same run, same numbers
+    assert (out / "report.md").is_file() and (out / "results.csv").is_file()
+
+
+def corrupt(src, dst):
+    shutil.copytree(src, dst)
+    for data_file in dst.glob("*/*/state/d/*"):
+        data_file.write_bytes(b"\x00not an array" * 4)
+    return dst
+
+
+def mismatch(src, dst):
+    """A checkpoint whose weights come from another model config than the one it carries."""
+    shutil.copytree(src, dst)
+    for config_file in dst.glob("*/*/config/metadata"):
+        config = json.loads(config_file.read_text())
+        config["model_options"]["hidden"] = 48
+        config_file.write_text(json.dumps(config))
+    return dst
+
+
+def bad_sweep_file(tmp_path):
+    path = tmp_path / "bad_sweep.py"
+    path.write_text("import ml_collections\n\ndef get_config():\n"
+                    "    return ml_collections.ConfigDict({'weight': {'bitz': (4,)}})\n")
+    return path
+
+
+CASES = {
+    "missing checkpoint": (lambda w, t: ["--checkpoint", t / "nowhere"], "no such file"),
+    "corrupted checkpoint": (lambda w, t: ["--checkpoint", corrupt(w, t / "c")],
+                             "cannot be restored"),
+    "other model config": (lambda w, t: ["--checkpoint", mismatch(w, t / "m")],
+                           "do not match the model of its own config"),
+    "unknown sweep key": (lambda w, t: ["--checkpoint", w, "--set", "weight.bitz=(4,)"],
+                          "unknown sweep key 'weight.bitz'"),
+    "unknown key in sweep file": (lambda w, t: ["--checkpoint", w, "--sweep", bad_sweep_file(t)],
+                                  "unknown sweep key 'weight.bitz'"),
+    "missing sweep file": (lambda w, t: ["--checkpoint", w, "--sweep", t / "none.py"],
+                           "does not exist"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_cli_errors_are_one_line(workdir, tmp_path, case):
+    make_args, expected = CASES[case]
+    args = make_args(workdir, tmp_path)
+    if "--sweep" not in args:
+        args += ["--sweep", TINY_SWEEP]
+    result = run_eval(*args, "--out", tmp_path / "out")
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ") and expected in lines[0], lines[0]
+
+
+def test_ctrl_c_keeps_finished_points(workdir, tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "eval.py"), "--checkpoint", str(workdir), "--out", str(out),
+         "--no-progress"],  # the default sweep: far longer than this test waits
+        cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    results = out / "results.json"
+    try:
+        for _ in range(600):  # wait (at most 60 s) until a few points are finished
+            if results.is_file() and len(json.loads(results.read_text())["points"]) >= 3:
+                break
+            if proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, stderr
+    assert "interrupted" in stderr and "Traceback" not in stderr
+    data = json.loads(results.read_text())
+    validate_results(data)
+    assert not data["complete"] and len(data["points"]) >= 3
+
+
+def test_demo_trains_sweeps_and_prints_the_comparison(tmp_path, capsys):
+    """The demo's plumbing on tiny configs: two trainings, one sweep, the claims table."""
+    from kure_jax.evaluation import demo
+
+    configs = tmp_path / "configs"
+    (configs / "sweeps").mkdir(parents=True)
+    for name in ("mnist5k_baseline.py", "mnist5k_kure.py"):
+        (configs / name).write_text(
+            "import runpy\n"
+            f"_c = runpy.run_path({str(ROOT / 'configs' / name)!r})['get_config']\n"
+            "def get_config():\n    return _c('tiny')\n")
+    (configs / "sweeps" / "default.py").write_text(
+        "import runpy\n"
+        f"_c = runpy.run_path({TINY_SWEEP!r})['get_config']\n"
+        "def get_config():\n    c = _c()\n    c.weight.bits = (2,)\n"
+        "    c.weight_act.pairs = ()\n    return c\n")
+    previous = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", True)
+    try:
+        assert demo.main(["--workdir", str(tmp_path / "runs"), "--configs", str(configs),
+                          "--no-progress"]) == 0
+    finally:
+        jax.config.update("jax_disable_most_optimizations", previous)
+    printed = capsys.readouterr().out
+    assert "| baseline |" in printed and "| kure |" in printed
+    assert "| W2 per-tensor max-abs PTQ |" in printed
+    assert "Not run (add --qat / --dorefa): W4A4-QAT (LSQ)" in printed  # no QAT pair here
+    data = json.loads((tmp_path / "runs" / "eval" / "results.json").read_text())
+    assert [c["group"] for c in data["checkpoints"]] == ["baseline", "kure"]
