@@ -53,12 +53,20 @@ def _ops(interpret: bool) -> list[tuple[str, str, int, object, bool]]:
     ]
 
 
+def _extra(parser) -> None:
+    parser.add_argument("--sizes", default=None,
+                        help="Comma-separated log2 element counts (e.g. 24,26); skips the "
+                             "block-shape sweep.")
+
+
 def main() -> None:
-    args = _common.parse_args(__doc__.splitlines()[0])
+    args = _common.parse_args(__doc__.splitlines()[0], _extra)
     on_cpu = jax.default_backend() == "cpu"
     small = args.small or on_cpu
     sizes = [1 << 16, 1 << 18, 1 << 20, 1 << 22] if small else [1 << p for p in (20, 22, 24,
                                                                                    26, 28)]
+    if args.sizes:
+        sizes = [1 << int(p) for p in args.sizes.split(",")]
     repeats, calls = args.repeats or (5 if small else 7), args.calls or (5 if small else 20)
     rec = _common.Recorder("fake_quant_throughput", args, {"bits": BITS, "repeats": repeats,
                                                            "calls": calls})
@@ -87,7 +95,7 @@ def main() -> None:
                          "of_copy_bw": units / 2 * t_copy / t["median_s"],
                          "vs_jnp": None, "compile_s": t["first_call_s"]})
             _fill_speedups(rec, dtype.__name__, n)
-    if not small:
+    if not small and not args.sizes:
         _block_sweep(rec, timer)
     rec.note("of_copy_bw = (units/2) * t_copy / t: 1.0 = the op's minimum traffic at copy speed; "
              "absmax variants need 3 units (the maximum is a global reduction read before "

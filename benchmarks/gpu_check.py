@@ -73,12 +73,19 @@ def _check_penalty(rec, interpret) -> None:
              "grad_rel_err_max": max(errs)})
 
 
+def _extra(parser) -> None:
+    parser.add_argument("--checks", default="fake_quant_f32,fake_quant_bf16,penalty",
+                        help="Comma-separated subset of fake_quant_f32, fake_quant_bf16, penalty.")
+
+
 def main() -> None:
-    args = _common.parse_args(__doc__.splitlines()[0])
+    args = _common.parse_args(__doc__.splitlines()[0], _extra)
     interpret = args.small or jax.default_backend() == "cpu"
     rec = _common.Recorder("gpu_check", args, {"interpret": interpret})
-    for fn, fn_args in [(_check_fake_quant, (jnp.float32,)), (_check_fake_quant, (jnp.bfloat16,)),
-                        (_check_penalty, ())]:
+    checks = {"fake_quant_f32": (_check_fake_quant, (jnp.float32,)),
+              "fake_quant_bf16": (_check_fake_quant, (jnp.bfloat16,)),
+              "penalty": (_check_penalty, ())}
+    for fn, fn_args in [checks[name] for name in args.checks.split(",")]:
         try:
             fn(rec, *fn_args, interpret)
         except Exception as e:  # Report a kernel that does not compile, then continue.

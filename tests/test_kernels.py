@@ -371,6 +371,26 @@ def test_dispatch_defaults_to_jnp_on_cpu_and_follows_env(monkeypatch):
         f("cuda")(x)
 
 
+@pytest.mark.parametrize("op", ["fake_quant", "absmax_fake_quant"])
+@pytest.mark.parametrize(
+    "dtype, rounding, kernel",
+    [("bfloat16", "nearest", True), ("float16", "nearest", True), ("float32", "nearest", False),
+     ("bfloat16", "stochastic", False)],
+)
+def test_auto_on_gpu_takes_the_kernel_where_it_was_measured_faster(monkeypatch, op, dtype,
+                                                                   rounding, kernel):
+    # BENCHMARKS.md (H200): the kernels win for 16-bit deterministic fake-quant only.
+    monkeypatch.setattr(_config, "local_backend", lambda: "gpu")
+    x = _normal((13, 10)).astype(dtype)
+    key = jax.random.key(0)
+    kw = {"bits": 4, "rounding": rounding, "key": key, "interpret": True}
+    f = {"fake_quant": lambda impl: lambda x: kernels.fake_quant(x, 0.5, impl=impl, **kw),
+         "absmax_fake_quant": lambda impl: lambda x: kernels.absmax_fake_quant(x, impl=impl,
+                                                                               **kw)}[op]
+    assert _uses_pallas(f("auto"), x) == kernel
+    assert _uses_pallas(f("pallas"), x)  # Asked for by name: always the kernel.
+
+
 @pytest.mark.parametrize("grouping", ["tensor", "col", "row"])
 def test_fake_quant_lowers_for_cuda(grouping):
     shape, step_shape = (1000, 300), {"tensor": (), "col": (1, 300), "row": (1000, 1)}[grouping]

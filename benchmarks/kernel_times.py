@@ -1,0 +1,179 @@
+"""Device-side kernel times of the fake-quant ops, read by Nsight Compute (the profile).
+
+Question: the wall-clock rows of ``fake_quant_throughput.py`` include the host's per-call
+dispatch (tens of microseconds), which hides the device time of a tensor of a few million
+elements. This script runs each op of that script a few times between two marker kernels
+(``cos`` before, ``sin`` after), so that ``ncu`` can attribute every kernel to its op:
+
+    ncu --clock-control none --metrics gpu__time_duration.sum --csv --print-units base \\
+        --log-file ncu.csv python benchmarks/kernel_times.py --sizes 24,26
+    python benchmarks/kernel_times.py --parse ncu.csv --labels stdout.txt --out DIR
+
+``--penalty`` adds the KURE penalty + gradient over ResNet-18/50 params against one copy of
+the same params (``--sizes ""`` runs only that).
+
+``ncu`` flushes the caches before every kernel (its default ``--cache-control all``), so the
+times are cold-L2 HBM times: a 16M-element bf16 tensor (32 MB) would otherwise sit partly in
+the H100/H200's 50-60 MB L2. ``--parse`` writes ``kernel_times.json`` with, per op, the kernels
+one call launches, their summed device time and the fraction of the copy's bandwidth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import csv
+import json
+import pathlib
+import statistics
+
+CALLS = 3
+
+
+def _run(sizes: list[int]) -> None:
+    import jax
+    import jax.numpy as jnp
+    from fake_quant_throughput import _ops
+
+    marker_in = jax.jit(lambda v: jnp.cos(v))
+    marker_out = jax.jit(lambda v: jnp.sin(v))
+    tag = jnp.arange(7.0)
+    for dtype in (jnp.float32, jnp.bfloat16):
+        for n in sizes:
+            x = jax.random.normal(jax.random.key(1), (n // 1024, 1024), dtype)
+            g = jax.random.normal(jax.random.key(2), x.shape, dtype)
+            for name, impl, units, fn, needs_g in _ops(False):
+                fn = jax.jit(fn)
+                args = (x, g) if needs_g else (x,)
+                try:
+                    jax.block_until_ready(fn(*args))  # Compile outside the markers.
+                except Exception as e:  # A kernel that does not compile: no segment.
+                    print(f"skip {name} {impl}: {type(e).__name__}", flush=True)
+                    continue
+                jax.block_until_ready(marker_in(tag))
+                for _ in range(CALLS):
+                    jax.block_until_ready(fn(*args))
+                jax.block_until_ready(marker_out(tag))
+                print(json.dumps({"dtype": dtype.__name__, "elements": n, "op": name,
+                                  "impl": impl, "units": units,
+                                  "bytes": x.size * x.dtype.itemsize}), flush=True)
+
+
+def _penalty_ops():
+    """``(model, op, impl, fn, params)``: a copy of all params vs the penalty + its gradient."""
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+
+    import kure_jax
+    from kure_jax import kernels
+    from kure_jax.models import get_model
+
+    pallas = functools.partial(kernels.penalty, impl="pallas")
+    for name in ("resnet18", "resnet50"):
+        model = get_model(name, num_classes=1000)
+        params = jax.jit(lambda k, model=model: model.init(
+            k, jnp.zeros((1, 64, 64, 3)), train=False))(jax.random.key(0))["params"]
+        yield name, "copy (all params)", "xla", lambda p: jax.tree.map(jnp.negative, p), params
+        yield name, "penalty+grad", "jnp", jax.value_and_grad(kure_jax.penalty), params
+        yield name, "penalty+grad", "pallas", jax.value_and_grad(pallas), params
+
+
+def _run_penalty() -> None:
+    """Device time of the KURE penalty + gradient vs one copy of the same params pytree.
+
+    ``kure_penalty.py`` times these with the wall clock, where launching a function of ~160
+    leaf buffers costs the host about a millisecond; here only the device's kernels count.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    marker_in, marker_out = jax.jit(jnp.cos), jax.jit(jnp.sin)
+    tag = jnp.arange(7.0)
+    for model, name, impl, fn, params in _penalty_ops():
+        fn = jax.jit(fn)
+        try:
+            jax.block_until_ready(fn(params))
+        except Exception as e:
+            print(f"skip {model} {name} {impl}: {type(e).__name__}", flush=True)
+            continue
+        jax.block_until_ready(marker_in(tag))
+        for _ in range(CALLS):
+            jax.block_until_ready(fn(params))
+        jax.block_until_ready(marker_out(tag))
+        nbytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
+        # units = 2 for every row: of_copy_bw is then t_copy / t, i.e. 1 / (time in copies).
+        print(json.dumps({"dtype": model, "elements": nbytes // 4, "op": name, "impl": impl,
+                          "units": 2, "bytes": nbytes}), flush=True)
+
+
+def _parse(ncu_csv: pathlib.Path, labels: pathlib.Path, out: pathlib.Path | None) -> None:
+    """Pairs the ncu kernel list with the op labels the run printed, in launch order."""
+    rows = [r for r in csv.DictReader(_csv_lines(ncu_csv))
+            if r.get("Metric Name") == "gpu__time_duration.sum"]
+    segments, current = [], None
+    for r in rows:
+        kernel, ns = r["Kernel Name"], float(r["Metric Value"].replace(",", ""))
+        if "cos" in kernel.lower() and current is None:
+            current = []
+        elif "sin" in kernel.lower() and current is not None:
+            segments.append(current)
+            current = None
+        elif current is not None:
+            current.append((kernel, ns))
+    ops = [json.loads(line) for line in labels.read_text().splitlines()
+           if line.startswith("{")]
+    if len(ops) != len(segments):
+        raise SystemExit(f"{len(ops)} labelled ops but {len(segments)} marker segments")
+    results, copy_ns = [], {}
+    for op, kernels in zip(ops, segments, strict=True):
+        per_call = len(kernels) // CALLS
+        calls = [kernels[i * per_call:(i + 1) * per_call] for i in range(CALLS)]
+        ns = statistics.median(sum(t for _, t in call) for call in calls)
+        key = (op["dtype"], op["elements"])
+        if op["op"].startswith("copy"):
+            copy_ns[key] = ns
+        results.append({**op, "kernels_per_call": per_call,
+                        "kernel_names": sorted({k for k, _ in calls[0]}),
+                        "device_us": ns / 1e3,
+                        "GB_per_s": op["units"] * op["bytes"] / ns,
+                        "of_copy_bw": op["units"] / 2 * copy_ns.get(key, float("nan")) / ns})
+    for r in results:
+        print(f"{r['dtype']:9s} {r['elements']:>10d} {r['op']:32s} {r['impl']:7s} "
+              f"kernels={r['kernels_per_call']} {r['device_us']:8.1f} us "
+              f"{r['GB_per_s']:7.0f} GB/s of_copy_bw={r['of_copy_bw']:.3f}")
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "kernel_times.json").write_text(json.dumps(results, indent=1))
+
+
+def _csv_lines(path: pathlib.Path):
+    """The CSV part of an ncu log (it starts at the header line, after ncu's own messages)."""
+    lines = path.read_text(errors="replace").splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith('"ID"'))
+    return collections.deque(lines[start:])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="24,26", help="Comma-separated log2 element counts.")
+    parser.add_argument("--parse", type=pathlib.Path, default=None,
+                        help="ncu CSV log to read instead of running.")
+    parser.add_argument("--labels", type=pathlib.Path, default=None,
+                        help="With --parse: the run's stdout (one JSON label per op).")
+    parser.add_argument("--out", type=pathlib.Path, default=None)
+    parser.add_argument("--penalty", action="store_true",
+                        help="Also profile the KURE penalty + gradient over ResNet-18/50 "
+                             "params against a copy of them (rows keyed by model name).")
+    args = parser.parse_args()
+    if args.parse is not None:
+        _parse(args.parse, args.labels, args.out)
+    else:
+        _run([1 << int(p) for p in args.sizes.split(",")] if args.sizes else [])
+        if args.penalty:
+            _run_penalty()
+
+
+if __name__ == "__main__":
+    main()
