@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import optax
 from jax.typing import ArrayLike
 
+from kure_jax._axes import canonical_axes
 from kure_jax.selection import LeafPredicate, select
 
 PyTree = Any
@@ -45,12 +46,12 @@ def _normalise_axis(axis: Axis, ndim: int, what: str = "x") -> tuple[int, ...]:
     axes = (axis,) if isinstance(axis, int) else tuple(axis)
     if not axes or any(not isinstance(a, int) or isinstance(a, bool) for a in axes):
         raise ValueError(f"axis must be None, an int or a non-empty tuple of ints; got {axis!r}.")
-    if any(not -ndim <= a < ndim for a in axes):
-        raise ValueError(f"axis {axis!r} is out of range for {what} of rank {ndim}.")
-    normalised = tuple(sorted(a % ndim for a in axes))
-    if len(set(normalised)) != len(normalised):
-        raise ValueError(f"axis {axis!r} repeats an axis of {what}.")
-    return normalised
+    return canonical_axes(
+        axes,
+        ndim,
+        out_of_range=f"axis {axis!r} is out of range for {what} of rank {ndim}.",
+        repeated=f"axis {axis!r} repeats an axis of {what}.",
+    )
 
 
 def kurtosis(x: ArrayLike, axis: Axis = None, *, ddof: int = 0) -> jax.Array:

@@ -49,6 +49,7 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from kure_jax import quant
+from kure_jax._axes import canonical_axes
 
 CLIP_METHODS: tuple[str, ...] = ("max", "mse", "aciq", "aciq_laplace", "percentile")
 
@@ -201,15 +202,15 @@ def _kept_axes(axis: tuple[int, ...] | None, ndim: int) -> tuple[int, ...]:
     """Non-negative channel axes of a rank-``ndim`` tensor; ValueError if out of range."""
     if axis is None:
         return ()
-    if any(not -ndim <= a < ndim for a in axis):
-        raise ValueError(
+    return canonical_axes(
+        axis,
+        ndim,
+        out_of_range=(
             f"QuantPolicy.axis={axis} is out of range for a tensor of rank {ndim}; allowed axes "
             f"are -{ndim}..{ndim - 1} (or axis=None for per-tensor)."
-        )
-    kept = tuple(sorted(a % ndim for a in axis))
-    if len(set(kept)) != len(kept):
-        raise ValueError(f"QuantPolicy.axis={axis} names the same axis twice for rank {ndim}.")
-    return kept
+        ),
+        repeated=f"QuantPolicy.axis={axis} names the same axis twice for rank {ndim}.",
+    )
 
 
 def _narrow(policy: QuantPolicy) -> bool:

@@ -1,42 +1,19 @@
 """Checkpoints: bit-exact resume, best-k by accuracy, restore_for_eval, NaN guard."""
 
-import importlib.util
 import json
 import pathlib
 
 import jax
 import numpy as np
 import pytest
-from jax.experimental.compilation_cache import compilation_cache as jax_cache
+from _training_helpers import load_config
 
 from kure_jax.data.pipeline import get_dataset
 from kure_jax.training import NonFiniteLossError, restore_for_eval, train_and_evaluate
 
-ROOT = pathlib.Path(__file__).parent.parent
 NUM_STEPS = 6
 
-
-@pytest.fixture(scope="module", autouse=True)
-def persistent_compilation_cache(tmp_path_factory):
-    # These tests compile the same tiny programs again and again: keep them on disk.
-    previous = {
-        name: getattr(jax.config, name)
-        for name in ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
-    }
-    cache = tmp_path_factory.getbasetemp() / "jax_compilation_cache"
-    jax.config.update("jax_compilation_cache_dir", str(cache))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    yield cache
-    for name, value in previous.items():
-        jax.config.update(name, value)
-    jax_cache.reset_cache()
-
-
-def load_config(name, variant=None):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(variant)
+pytestmark = pytest.mark.usefixtures("persistent_compilation_cache")
 
 
 def tiny_config(**overrides):

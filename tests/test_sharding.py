@@ -3,14 +3,11 @@
 tests/conftest.py forces 8 CPU devices before JAX is imported.
 """
 
-import importlib.util
-import pathlib
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.experimental.compilation_cache import compilation_cache as jax_cache
+from _training_helpers import load_config
 
 from kure_jax.data.pipeline import get_dataset, process_slice
 from kure_jax.training import (
@@ -28,33 +25,12 @@ from kure_jax.training import (
 )
 from kure_jax.training.parallel import DATA_AXIS
 
-ROOT = pathlib.Path(__file__).parent.parent
 NUM_STEPS = 3
 
-pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (forced CPU) devices")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def persistent_compilation_cache(tmp_path_factory):
-    # These tests compile the same tiny programs again and again: keep them on disk.
-    previous = {
-        name: getattr(jax.config, name)
-        for name in ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
-    }
-    cache = tmp_path_factory.getbasetemp() / "jax_compilation_cache"
-    jax.config.update("jax_compilation_cache_dir", str(cache))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    yield cache
-    for name, value in previous.items():
-        jax.config.update(name, value)
-    jax_cache.reset_cache()
-
-
-def load_config(name, variant=None):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(variant)
+pytestmark = [
+    pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (forced CPU) devices"),
+    pytest.mark.usefixtures("persistent_compilation_cache"),
+]
 
 
 @pytest.fixture(scope="module")

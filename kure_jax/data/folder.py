@@ -143,5 +143,5 @@ def folder_dataset(
         source=_FolderSource(builder, train_split, eval_split),
         preprocessing=spec,
         shuffle_buffer=shuffle_buffer,
-        **({} if num_threads is None else {"num_threads": num_threads}),
+        num_threads=num_threads,
     )

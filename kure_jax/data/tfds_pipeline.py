@@ -167,7 +167,7 @@ def tfds_dataset(
         source=source,
         preprocessing=spec,
         shuffle_buffer=shuffle_buffer,
-        **({} if num_threads is None else {"num_threads": num_threads}),
+        num_threads=num_threads,
     )
 
 

@@ -85,7 +85,8 @@ class TFDSDataset:
       source: reads encoded examples (:class:`ExampleSource`).
       preprocessing: decoding, augmentation and normalisation.
       shuffle_buffer: encoded examples in the shuffle buffer (per process).
-      num_threads: size of the ``tf.data`` thread pool.
+      num_threads: size of the ``tf.data`` thread pool; ``None`` (default) resolves to all
+        CPU cores but one.
     """
 
     name: str
@@ -95,9 +96,11 @@ class TFDSDataset:
     source: ExampleSource
     preprocessing: ImagePreprocessing
     shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER
-    num_threads: int = dataclasses.field(default_factory=_default_threads)
+    num_threads: int | None = None
 
     def __post_init__(self) -> None:
+        if self.num_threads is None:
+            object.__setattr__(self, "num_threads", _default_threads())
         if min(self.num_train_examples, self.num_eval_examples) < 1:
             raise ValueError(
                 f"dataset {self.name!r} needs non-empty splits; got {self.num_train_examples} "
