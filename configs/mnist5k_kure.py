@@ -30,7 +30,8 @@ Every field (the other configs import this one and change a few):
   parameters stay float32); ``seed`` (init, data order, dropout).
 * ``kure``: ``lambda_`` (0 disables the penalty), ``target`` K_T, ``selection``
   "kernels" (every conv/dense kernel) or "paper" (all but the first conv and the
-  classifier), ``reduction`` "mean" (paper), "sum" or "max".
+  classifier), ``reduction`` "mean" (paper), "sum" or "max", ``penalty_impl`` "auto",
+  "jnp" or "pallas" (``kure_jax.training.StepConfig.penalty_impl``).
 * ``qat``: ``enabled`` plus the fields of ``kure_jax.qat.QATConfig``.
 * ``parallel``: "jit" (mesh + NamedSharding, default) or "pmap".
 * ``log_every_steps``; ``eval_every_steps`` and ``checkpoint_every_steps`` (0: once per
@@ -83,6 +84,9 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     config.kure.target = 1.8
     config.kure.selection = "paper"
     config.kure.reduction = "mean"
+    # "auto": the fused Pallas penalty kernel where kure_jax.kernels.AUTO_PALLAS_BACKENDS
+    # allows it (GPU), else jnp; "jnp" / "pallas" force one (Pallas is interpreted on CPU).
+    config.kure.penalty_impl = "auto"
 
     config.qat = ml_collections.ConfigDict()
     config.qat.enabled = False

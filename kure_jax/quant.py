@@ -188,7 +188,8 @@ def fake_quant(
     rounding = validate_rounding(rounding)
     x = jnp.asarray(x)
     dtype = jnp.promote_types(x.dtype, jnp.float32)
-    out_dtype = x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else dtype
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        x = x.astype(dtype)
     scale = jnp.asarray(scale, dtype)
     zero_point = jnp.asarray(zero_point, dtype)
     _check_broadcastable("scale", scale.shape, x.shape)
@@ -199,7 +200,7 @@ def fake_quant(
     if lsq_grad_scale:
         grad_factor = 1.0 / math.sqrt(max(x.size // scale.size, 1) * qmax)
     spec = _Spec(qmin, qmax, rounding, grad_factor)
-    return _fake_quant(spec, x.astype(dtype), scale, zero_point, noise).astype(out_dtype)
+    return _fake_quant(spec, x, scale, zero_point, noise)
 
 
 def lsq_init_scale(
@@ -286,27 +287,40 @@ def _round(v: jax.Array, rounding: str, noise: jax.Array | None) -> jax.Array:
     return f + (noise < (v - f)).astype(v.dtype)
 
 
+def _quantize(spec: _Spec, x, scale, zero_point, noise):
+    """``(v, q, inside)`` of ``fake_quant``'s docstring, in the dtype of ``scale``."""
+    v = x.astype(scale.dtype) / scale
+    q = jnp.clip(_round(v, spec.rounding, noise) + zero_point, spec.qmin, spec.qmax)
+    inside = (v + zero_point >= spec.qmin) & (v + zero_point <= spec.qmax)
+    return v, q, inside
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _fake_quant(
     spec: _Spec, x: jax.Array, scale: jax.Array, zero_point: jax.Array, noise: jax.Array | None
 ) -> jax.Array:
-    return _fake_quant_fwd(spec, x, scale, zero_point, noise)[0]
+    _, q, _ = _quantize(spec, x, scale, zero_point, noise)
+    return ((q - zero_point) * scale).astype(x.dtype)
 
 
 def _fake_quant_fwd(spec, x, scale, zero_point, noise):
-    v = x / scale
-    q = jnp.clip(_round(v, spec.rounding, noise) + zero_point, spec.qmin, spec.qmax)
-    y = (q - zero_point) * scale
-    inside = (v + zero_point >= spec.qmin) & (v + zero_point <= spec.qmax)
-    # dy/ds: round(v) - v inside, q - z outside; both are (q - z) - inside * v.
-    dy_ds = (q - zero_point) - jnp.where(inside, v, 0.0)
-    return y, (inside, dy_ds, scale, zero_point, noise)
+    # The residuals are the inputs (x in its own dtype, e.g. bfloat16); the backward recomputes
+    # the clip mask and dy/ds from x.
+    # Saving them instead (a bool and a float tensor) costs more memory than x and, on XLA:CPU,
+    # made the backward 10-20x slower than the forward (BENCHMARKS.md, note 5).
+    return _fake_quant(spec, x, scale, zero_point, noise), (x, scale, zero_point, noise)
 
 
 def _fake_quant_bwd(spec, residuals, g):
-    inside, dy_ds, scale, zero_point, noise = residuals
-    g_x = jnp.where(inside, g, 0.0)
-    g_scale = _sum_to_shape(g * dy_ds, scale.shape) * spec.grad_factor
+    x, scale, zero_point, noise = residuals
+    v, q, inside = _quantize(spec, x, scale, zero_point, noise)
+    g_x = jnp.where(inside, g, 0.0)  # In x's dtype: selecting entries of g is exact.
+    g = g.astype(scale.dtype)
+    # g * dy/ds with dy/ds = (q - z) - v inside and q - z outside. Written as one select of two
+    # products (not g * ((q - z) - where(inside, v, 0))) so that XLA computes the operand of the
+    # reduction in a single fusion from x and g; the values are the same.
+    g_dy_ds = jnp.where(inside, g * ((q - zero_point) - v), g * (q - zero_point))
+    g_scale = _sum_to_shape(g_dy_ds, scale.shape) * spec.grad_factor
     g_zero_point = _sum_to_shape(jnp.where(inside, 0.0, -g * scale), zero_point.shape)
     g_noise = None if noise is None else jnp.zeros_like(noise)
     return g_x, g_scale.astype(scale.dtype), g_zero_point.astype(zero_point.dtype), g_noise

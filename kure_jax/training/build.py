@@ -109,6 +109,7 @@ def step_config(
         kure_target=float(config.kure.target),
         kure_where=kure_selection(config, model, input_shape),
         kure_reduction=config.kure.reduction,
+        penalty_impl=config.kure.get("penalty_impl", "auto"),  # absent from older configs
         label_smoothing=float(config.label_smoothing),
         qat=qat_config(config),
         axis_name=axis_name,

@@ -15,6 +15,7 @@ from typing import Any
 
 import ml_collections
 
+from kure_jax.kernels import IMPLS
 from kure_jax.kurtosis import REDUCTIONS
 from kure_jax.models import MODEL_NAMES
 
@@ -58,7 +59,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
 
     Raises:
       ValueError: naming the field and its allowed values or range, for an unknown
-        model, optimizer, schedule, dtype, parallel mode, KURE selection or reduction,
+        model, optimizer, schedule, dtype, parallel mode, KURE selection, reduction or
+        penalty implementation,
         a non-positive size or rate, milestones that do not increase, or a batch size
         that is not divisible by the number of processes.
       AttributeError: if a required field is missing (``ml_collections``' message names it).
@@ -72,6 +74,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     _choice(config.parallel, PARALLEL_MODES, "parallel")
     _choice(config.kure.selection, SELECTIONS, "kure.selection")
     _choice(config.kure.reduction, REDUCTIONS, "kure.reduction")
+    # Configs written before the field existed (e.g. in old checkpoints) mean "auto".
+    _choice(config.kure.get("penalty_impl", "auto"), IMPLS, "kure.penalty_impl")
     for field in ("num_classes", "batch_size", "eval_batch_size", "log_every_steps"):
         value = config[field]
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:

@@ -5,7 +5,8 @@
    L = \\mathrm{CE}(\\mathrm{softmax}(f(x)), \\tilde y) + \\lambda \\, L_{KURE}(W),
    \\qquad \\tilde y = (1 - \\epsilon)\\, y + \\epsilon / C
 
-where :math:`L_{KURE}` is :func:`kure_jax.penalty` over the selected kernels. The same
+where :math:`L_{KURE}` is :func:`kure_jax.penalty` over the selected kernels (or its fused
+Pallas kernel, :func:`kure_jax.kernels.penalty`, see ``StepConfig.penalty_impl``). The same
 functions run under ``jax.jit`` over a device mesh (``axis_name=None``: XLA reduces over
 the global, sharded batch) and under ``jax.pmap`` (``axis_name="batch"``: gradients,
 metrics and BatchNorm statistics are averaged across devices explicitly).
@@ -22,7 +23,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from kure_jax.kurtosis import UNIFORM_KURTOSIS, kurtosis_report, penalty
+from kure_jax import kernels
+from kure_jax.kurtosis import UNIFORM_KURTOSIS, kurtosis_report
 from kure_jax.selection import LeafPredicate
 from kure_jax.training.state import TrainState
 
@@ -44,10 +46,19 @@ class StepConfig:
       kure_where: leaf selection of the penalty and of the logged kurtosis (``None``:
         all conv/dense kernels; see :mod:`kure_jax.selection`).
       kure_reduction: ``"mean"`` (paper), ``"sum"`` or ``"max"``.
+      penalty_impl: how the penalty is computed, one of ``kure_jax.kernels.IMPLS``: ``"jnp"``
+        (:func:`kure_jax.penalty`), ``"pallas"`` (the fused kernel of
+        :func:`kure_jax.kernels.penalty`; interpreted, hence slow, on CPU) or ``"auto"`` (the
+        kernel on the backends in ``kure_jax.kernels.AUTO_PALLAS_BACKENDS``, else jnp). Unlike
+        ``kernels.penalty(impl=None)`` it never reads the ``KURE_JAX_KERNELS`` variable.
       label_smoothing: ``epsilon`` in the formula above, in ``[0, 1)``.
       qat: a ``kure_jax.qat.QATConfig`` to train with fake-quantised weights and
         activations, or ``None``.
       axis_name: the ``pmap`` axis to average over, or ``None`` under ``jit``.
+
+    Raises:
+      ValueError: for ``kure_lambda < 0``, ``label_smoothing`` outside ``[0, 1)`` or an unknown
+        ``penalty_impl``.
     """
 
     num_classes: int
@@ -55,6 +66,7 @@ class StepConfig:
     kure_target: float = UNIFORM_KURTOSIS
     kure_where: LeafPredicate | None = None
     kure_reduction: str = "mean"
+    penalty_impl: str = "auto"
     label_smoothing: float = 0.0
     qat: Any = None
     axis_name: str | None = None
@@ -64,6 +76,10 @@ class StepConfig:
             raise ValueError(
                 "kure_lambda must be >= 0 and label_smoothing in [0, 1); got "
                 f"{self.kure_lambda} and {self.label_smoothing}."
+            )
+        if not isinstance(self.penalty_impl, str) or self.penalty_impl not in kernels.IMPLS:
+            raise ValueError(
+                f"penalty_impl must be one of {kernels.IMPLS}; got {self.penalty_impl!r}."
             )
 
 
@@ -142,11 +158,12 @@ def make_train_step(
         loss = ce
         kure = jnp.zeros((), jnp.float32)
         if spec.kure_lambda:  # lambda = 0: the penalty is not even traced
-            kure = penalty(
+            kure = kernels.penalty(
                 trainable["params"],
                 spec.kure_target,
                 where=spec.kure_where,
                 reduction=spec.kure_reduction,
+                impl=spec.penalty_impl,
             )
             loss = ce + spec.kure_lambda * kure
         correct = jnp.argmax(logits, axis=-1) == batch["label"]

@@ -1,0 +1,97 @@
+"""StepConfig.penalty_impl: the train step's KURE penalty through the Pallas kernel (interpreted
+on CPU) equals the jnp penalty, and the choice is validated and read from the config."""
+
+import importlib.util
+import pathlib
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+from kure_jax.models import SmallCNN
+from kure_jax.training import StepConfig, create_train_state, make_train_step, validate_config
+from kure_jax.training.build import step_config
+
+SHAPE = (12, 12, 1)
+LR = 0.1
+KERNELS = ("stem_conv", "conv1", "hidden", "head")  # the default selection: every kernel
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = SmallCNN(num_classes=10, features=(4, 8), hidden=16)
+    state = create_train_state(model, rng=jax.random.key(0), input_shape=SHAPE, tx=optax.sgd(LR))
+    rng = np.random.default_rng(0)
+    batch = {
+        "image": rng.normal(size=(4, *SHAPE)).astype(np.float32),
+        "label": rng.integers(0, 10, size=4).astype(np.int32),
+    }
+    return model, state, batch
+
+
+def np_kurtosis(w):
+    centred = np.asarray(w, np.float64).ravel()
+    centred = centred - centred.mean()
+    return np.mean(centred**4) / np.mean(centred**2) ** 2
+
+
+def run_step(model, state, batch, impl, kure_lambda=1.0):
+    spec = StepConfig(num_classes=10, kure_lambda=kure_lambda, penalty_impl=impl)
+    step = make_train_step(model, spec)
+    has_kernel = "pallas_call" in str(jax.make_jaxpr(step)(state, batch))
+    new_state, metrics = jax.jit(step)(state, batch)
+    # Plain SGD: the gradient is (old - new) / learning rate.
+    grads = jax.tree.map(lambda a, b: (a - b) / LR, state.params, new_state.params)
+    return metrics, grads, has_kernel
+
+
+def test_pallas_penalty_matches_jnp_penalty(setup):
+    model, state, batch = setup
+    ref_metrics, ref_grads, ref_kernel = run_step(model, state, batch, "jnp")
+    metrics, grads, kernel = run_step(model, state, batch, "pallas")
+    assert kernel and not ref_kernel  # each impl really took its own path
+    kurts = np.array([np_kurtosis(state.params[name]["kernel"]) for name in KERNELS])
+    np.testing.assert_allclose(metrics["kure"], np.mean((kurts - 1.8) ** 2), rtol=1e-4)
+    for key in ("loss", "kure", "ce", "grad_norm"):
+        np.testing.assert_allclose(metrics[key], ref_metrics[key], rtol=1e-5, err_msg=key)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), grads, ref_grads
+    )
+    # The comparison above is sensitive to the penalty's gradient: it moves every kernel's
+    # gradient by far more than the tolerance.
+    _, ce_grads, _ = run_step(model, state, batch, "jnp", kure_lambda=0.0)
+    for name in KERNELS:
+        change = np.linalg.norm(grads[name]["kernel"] - ce_grads[name]["kernel"])
+        assert change > 1e-2 * np.linalg.norm(grads[name]["kernel"]), name
+
+
+def test_auto_is_the_dispatchers_choice(setup):
+    model, state, batch = setup
+    _, _, kernel = run_step(model, state, batch, "auto")
+    assert kernel == (jax.default_backend() == "gpu")  # kernels.AUTO_PALLAS_BACKENDS
+
+
+@pytest.mark.parametrize("impl", ["triton", "Pallas", None, ""])
+def test_unknown_penalty_impl_raises(impl):
+    with pytest.raises(ValueError, match=r"penalty_impl must be one of \('auto', 'pallas'"):
+        StepConfig(num_classes=10, penalty_impl=impl)
+
+
+def test_config_field_reaches_step_config(setup):
+    model, _, _ = setup
+    path = pathlib.Path(__file__).parent.parent / "configs" / "mnist5k_kure.py"
+    spec = importlib.util.spec_from_file_location("mnist5k_kure", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config("tiny")
+    assert config.kure.penalty_impl == "auto"
+    config.kure.penalty_impl = "pallas"
+    validate_config(config)
+    assert step_config(config, model, SHAPE, axis_name=None).penalty_impl == "pallas"
+    del config.kure.penalty_impl  # as in a config saved before the field existed
+    validate_config(config)
+    assert step_config(config, model, SHAPE, axis_name=None).penalty_impl == "auto"
+    config.kure.penalty_impl = "cuda"
+    with pytest.raises(ValueError, match=r"kure\.penalty_impl.*'pallas'"):
+        validate_config(config)
