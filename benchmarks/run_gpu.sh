@@ -14,16 +14,7 @@
 # timeout_s=560. Without the wheels the qwix and library rows record an ImportError.
 #
 # Budget (seconds): check 60 + throughput 100 + penalty 80 + train step 200 = 440 (< 8 min).
-set -u
-OUT=${OUT:-benchmarks/results}
-mkdir -p "$OUT"
-PY=${PYTHON:-python3}
-export PYTHONUNBUFFERED=1
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-if ls .whl/*.whl > /dev/null 2>&1; then
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-      --target /tmp/kure_site .whl/*.whl && export PYTHONPATH="/tmp/kure_site:$PYTHONPATH"
-fi
+source "$(dirname "$0")/_gpu_env.sh"
 
 run() {
   local limit=$1 script=$2 name start rc

@@ -4,16 +4,7 @@
 # the train-step rows it did not reach (library steps, qwix int4), each with the fp baseline
 # measured again in the same process. Prepared like run_gpu.sh (wheels in .whl, carry .whl);
 # device tool: command="bash benchmarks/run_gpu_profile.sh", timeout_s=330.
-set -u
-OUT=${OUT:-benchmarks/results}
-mkdir -p "$OUT"
-PY=${PYTHON:-python3}
-export PYTHONUNBUFFERED=1
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-if ls .whl/*.whl > /dev/null 2>&1; then
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-      --target /tmp/kure_site .whl/*.whl && export PYTHONPATH="/tmp/kure_site:$PYTHONPATH"
-fi
+source "$(dirname "$0")/_gpu_env.sh"
 NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
 echo "ncu: ${NCU:-not found}"
 start=$SECONDS
