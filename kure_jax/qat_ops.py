@@ -40,6 +40,10 @@ def dorefa_weight(w: ArrayLike, *, bits: int) -> jax.Array:
     gradient is that of ``tanh(w) / max|t|`` (including the term through the maximum). The maximum
     is over the whole tensor; an all-zero ``w`` uses a maximum of 1 instead of dividing by zero.
 
+    The output does not depend on the scale of ``w`` (for small ``w``, ``y ~ w / max|w|``), so a
+    layer using it needs a normalisation after it. The gradient through the maximum sums over
+    the whole tensor into its largest entry, which then gets far larger updates than the rest.
+
     Args:
       w: float weight array of any (non-empty) shape.
       bits: bit width in [2, 16].

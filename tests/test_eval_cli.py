@@ -140,6 +140,21 @@ def test_ctrl_c_keeps_finished_points(workdir, tmp_path):
     assert not data["complete"] and len(data["points"]) >= 3
 
 
+@pytest.mark.parametrize("recipe", ["qat_baseline", "dorefa_baseline", "dorefa_kure"])
+def test_demo_qat_recipes_build_valid_configs(recipe):
+    # DoReFa kernels are scale-free: its recipes must put a BatchNorm after `hidden`; LSQ's not.
+    from kure_jax.evaluation import demo
+    from kure_jax.training import build_model, qat_config, validate_config
+
+    config_file, overrides = demo.RECIPES[recipe]
+    config = demo._config(ROOT / "configs" / config_file, overrides, seed=2)
+    validate_config(config)
+    dorefa = recipe.startswith("dorefa")
+    assert config.seed == 2 and config.kure.lambda_ == (1.0 if recipe.endswith("kure") else 0.0)
+    assert qat_config(config).weight_quantizer == ("dorefa" if dorefa else "lsq")
+    assert build_model(config, axis_name=None).hidden_norm is dorefa
+
+
 def test_demo_trains_sweeps_and_prints_the_comparison(tmp_path, capsys):
     """The demo's plumbing on tiny configs: two trainings, one sweep, the claims table."""
     from kure_jax.evaluation import demo

@@ -255,6 +255,35 @@ def test_running_stats_follow_numpy_reference(small_cnn_variables):
     )
 
 
+def test_small_cnn_hidden_norm_follows_numpy_reference():
+    # hidden_norm=True: head(relu(BN(x @ W))) with batch statistics in train mode (biased
+    # variance, eps 1e-5, initial scale 1 and offset 0); `hidden` loses its bias.
+    model = models.get_model("small_cnn", num_classes=10, features=(4, 8), hidden=16,
+                             hidden_norm=True)
+    x = _images("small_cnn", 6, seed=2)
+    variables = jax.jit(model.init)(jax.random.key(0), x[:1])
+    assert set(variables["params"]["hidden"]) == {"kernel"}
+    assert {k: v.shape for k, v in variables["params"]["hidden_norm"].items()} == {
+        "scale": (16,), "bias": (16,)}
+    assert set(variables["batch_stats"]["hidden_norm"]) == {"mean", "var"}
+    plain = jax.eval_shape(models.get_model("small_cnn", num_classes=10).init,
+                           jax.random.key(0), x[:1])
+    assert "hidden_norm" not in plain["params"] and "bias" in plain["params"]["hidden"]
+
+    apply = jax.jit(functools.partial(model.apply, train=True, mutable=["batch_stats",
+                                                                       "intermediates"],
+                                      capture_intermediates=True))
+    logits, state = apply(variables, x)
+    h = np.asarray(state["intermediates"]["hidden"]["__call__"][0], np.float64)
+    normed = (h - h.mean(axis=0)) / np.sqrt(h.var(axis=0) + 1e-5)
+    head = variables["params"][models.HEAD_NAME]
+    expected = np.maximum(normed, 0) @ np.asarray(head["kernel"], np.float64) + np.asarray(
+        head["bias"], np.float64)
+    np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(state["batch_stats"]["hidden_norm"]["mean"], 0.1 * h.mean(axis=0),
+                               rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("name", models.MODEL_NAMES)
 def test_bf16_compute_keeps_float32_params_and_logits(name):
     model = models.get_model(name, num_classes=_classes(name), dtype=jnp.bfloat16)

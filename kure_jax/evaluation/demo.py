@@ -14,7 +14,9 @@ Recipes (group names in the report):
 * ``--qat``: ``qat_baseline`` / ``qat_kure``: ``configs/mnist5k_qat_w4a4.py`` (LSQ W4A4) with
   lambda 0 / 1.
 * ``--dorefa``: ``dorefa_baseline`` / ``dorefa_kure``: the same W4A4 QAT with DoReFa weight and
-  activation quantizers (the paper's QAT robustness experiment).
+  activation quantizers (the paper's QAT robustness experiment), on ``small_cnn`` with
+  ``hidden_norm=True``: DoReFa kernels are scale-free, so every quantised layer needs a
+  BatchNorm after it (see ``kure_jax.models.small``).
 * ``--ablation``: ``kure_kt3`` / ``kure_kt4``: KURE with target K_T = 3 / 4 (``kure`` is 1.8).
 """
 
@@ -36,7 +38,8 @@ from kure_jax.evaluation.spec import load_sweep
 
 __all__ = ["RECIPES", "claims", "claims_markdown", "main"]
 
-_DOREFA = {"qat.weight_quantizer": "dorefa", "qat.act_quantizer": "dorefa"}
+_DOREFA = {"qat.weight_quantizer": "dorefa", "qat.act_quantizer": "dorefa",
+           "model_options.hidden_norm": True}
 # recipe -> (config file, overrides)
 RECIPES: dict[str, tuple[str, dict[str, Any]]] = {
     "baseline": ("mnist5k_baseline.py", {}),
@@ -120,15 +123,21 @@ def claims_markdown(data: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _train(config_path: pathlib.Path, overrides: Mapping[str, Any], seed: int,
-           workdir: pathlib.Path) -> float:
-    from kure_jax.training import train_and_evaluate
-
+def _config(config_path: pathlib.Path, overrides: Mapping[str, Any], seed: int):
+    """The training config of a recipe: the file's ``get_config()`` plus the overrides."""
     config = runpy.run_path(str(config_path))["get_config"]()
     config.seed = seed
     for key, value in overrides.items():
         section, field = key.split(".")
         config[section][field] = value
+    return config
+
+
+def _train(config_path: pathlib.Path, overrides: Mapping[str, Any], seed: int,
+           workdir: pathlib.Path) -> float:
+    from kure_jax.training import train_and_evaluate
+
+    config = _config(config_path, overrides, seed)
     return train_and_evaluate(config, workdir).eval_metrics["accuracy"]
 
 

@@ -7,6 +7,13 @@ Layout (``features=(32, 64, 128)``, ``hidden=128``; 241,770 params at 10 classes
     conv2     3x3 -> norm2     -> ReLU -> 2x2 max-pool      7x7x64   -> 3x3x128
     flatten -> hidden (dense) -> ReLU -> head (dense)        1152 -> 128 -> num_classes
 
+``hidden_norm=True`` inserts a BatchNorm (``hidden_norm``) between ``hidden`` (then without
+bias) and its ReLU. Scale-free weight quantizers need it: DoReFa maps every kernel to [-1, 1]
+whatever its float scale, i.e. multiplies it by about ``1 / max|tanh(w)|`` (15 at init): an
+un-normalised ``hidden`` then outputs ~10x its float values and QAT collapses
+(``docs/results.md``). In ResNets every quantised conv is followed by BatchNorm, so the issue
+does not arise there.
+
 ``features`` sets the number and widths of the conv stages. With the KURE paper's
 selection (all kernels but the first conv and the final dense), ``conv1``,
 ``conv2`` and ``hidden`` are the regularised/quantised layers.
@@ -37,11 +44,14 @@ class SmallCNN(Classifier, kw_only=True):
         each stage halves the resolution with a 2x2 max-pool.
       hidden: width of the ``hidden`` dense layer before ``head``.
       act: activation.
+      hidden_norm: BatchNorm ``hidden_norm`` between ``hidden`` (bias-free then) and its
+        activation; needed for DoReFa QAT (see the module docstring).
     """
 
     features: Sequence[int] = (32, 64, 128)
     hidden: int = 128
     act: Activation = nn.relu
+    hidden_norm: bool = False
 
     def __post_init__(self) -> None:
         if not self.features or any(f < 1 for f in self.features) or self.hidden < 1:
@@ -75,5 +85,8 @@ class SmallCNN(Classifier, kw_only=True):
             x = self.act(norm(name=norm_name)(x))
             x = nn.max_pool(x, (2, 2), strides=(2, 2))
         x = x.reshape((x.shape[0], -1))
-        x = self.act(dense(self.hidden, name="hidden")(x))
+        x = dense(self.hidden, use_bias=not self.hidden_norm, name="hidden")(x)
+        if self.hidden_norm:
+            x = norm(name="hidden_norm")(x)
+        x = self.act(x)
         return self.classify(x, dense)
