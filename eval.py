@@ -39,21 +39,8 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _ignore_closed_event_loop(exc_type, exc, tb) -> None:
-    """``sys.excepthook`` that drops Orbax/TensorStore's late callbacks after a failed read.
-
-    When a damaged checkpoint fails to restore, TensorStore threads still complete futures of
-    an asyncio loop Orbax has closed; each prints a "RuntimeError: Event loop is closed"
-    traceback through ``sys.excepthook``. They are noise after the one ``error:`` line.
-    """
-    if exc_type is RuntimeError and str(exc) == "Event loop is closed":
-        return
-    sys.__excepthook__(exc_type, exc, tb)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    sys.excepthook = _ignore_closed_event_loop
     # Orbax logs a warning per read-only restore through absl; keep stderr for real errors.
     logging.getLogger("absl").setLevel(logging.ERROR)
     from kure_jax.evaluation import CheckpointError, load_sweep, run_sweep, summary_table

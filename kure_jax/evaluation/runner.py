@@ -29,7 +29,9 @@ from kure_jax.kurtosis import kurtosis_report
 __all__ = ["CheckpointError", "LoadedCheckpoint", "load_checkpoint", "run_sweep", "write_outputs"]
 
 PyTree = Any
-_LATE_CALLBACKS_S = 0.5  # See _stderr_dropped_on_error.
+# See _stderr_dropped_on_error: after a failed restore, wait until nothing has been written for
+# _QUIET_S (the native threads have finished their reads), but at most _MAX_WAIT_S.
+_QUIET_S, _MAX_WAIT_S = 0.4, 5.0
 
 
 class CheckpointError(ValueError):
@@ -194,7 +196,7 @@ def _stderr_dropped_on_error() -> Iterator[None]:
             yield
         except BaseException:
             failed = True
-            time.sleep(_LATE_CALLBACKS_S)  # The native threads' reads finish within this.
+            _wait_until_quiet(held)
             raise
         else:
             failed = False
@@ -205,6 +207,17 @@ def _stderr_dropped_on_error() -> Iterator[None]:
             if not failed:
                 held.seek(0)
                 sys.stderr.write(held.read().decode(errors="replace"))
+
+
+def _wait_until_quiet(held) -> None:
+    """Returns once ``held`` (a file) has not grown for ``_QUIET_S``, or after ``_MAX_WAIT_S``."""
+    deadline = time.monotonic() + _MAX_WAIT_S
+    size, quiet_since = os.fstat(held.fileno()).st_size, time.monotonic()
+    while time.monotonic() < deadline and time.monotonic() - quiet_since < _QUIET_S:
+        time.sleep(0.05)
+        new_size = os.fstat(held.fileno()).st_size
+        if new_size != size:
+            size, quiet_since = new_size, time.monotonic()
 
 
 def run_sweep(
