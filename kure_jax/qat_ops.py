@@ -167,12 +167,8 @@ def _dorefa_activation_jvp(n, primals, tangents):
     return _dorefa_activation(n, x), jnp.where(inside, t, jnp.zeros_like(t))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _learned_clip(signed: bool, n: int, x: jax.Array, alpha: jax.Array) -> jax.Array:
-    return _learned_clip_fwd(signed, n, x, alpha)[0]
-
-
-def _learned_clip_fwd(signed, n, x, alpha):
+def _learned_clip_values(signed: bool, n: int, x: jax.Array, alpha: jax.Array):
+    """``(y, inside)``: the quantised values and the mask of ``x`` within the clip range."""
     lo = -alpha if signed else jnp.zeros_like(alpha)
     xc = jnp.clip(x, lo, alpha)
     if signed:
@@ -181,15 +177,27 @@ def _learned_clip_fwd(signed, n, x, alpha):
     else:
         step = alpha / n
         y = step * jnp.round(xc / step)
-    inside = (x >= lo) & (x <= alpha)
-    dy_dalpha = (y - jnp.where(inside, x, 0.0)) / alpha
-    return y, (inside, dy_dalpha, alpha)
+    return y, (x >= lo) & (x <= alpha)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _learned_clip(signed: bool, n: int, x: jax.Array, alpha: jax.Array) -> jax.Array:
+    return _learned_clip_values(signed, n, x, alpha)[0]
+
+
+def _learned_clip_fwd(signed, n, x, alpha):
+    # Only the inputs are saved; the backward recomputes y and the mask (as quant.fake_quant:
+    # saving a mask and a dy/dalpha tensor costs more memory and is slow on XLA:CPU).
+    return _learned_clip(signed, n, x, alpha), (x, alpha)
 
 
 def _learned_clip_bwd(signed, n, residuals, g):
-    del signed, n
-    inside, dy_dalpha, alpha = residuals
-    return jnp.where(inside, g, 0.0), _sum_to_shape(g * dy_dalpha, alpha.shape)
+    x, alpha = residuals
+    y, inside = _learned_clip_values(signed, n, x, alpha)
+    # g * dy/dalpha with dy/dalpha = (y - x) / alpha inside and y / alpha outside, as one select
+    # of two products so that XLA forms the reduction's operand in one fusion.
+    g_dy_dalpha = jnp.where(inside, g * ((y - x) / alpha), g * (y / alpha))
+    return jnp.where(inside, g, 0.0), _sum_to_shape(g_dy_dalpha, alpha.shape)
 
 
 _learned_clip.defvjp(_learned_clip_fwd, _learned_clip_bwd)

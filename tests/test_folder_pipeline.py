@@ -1,8 +1,6 @@
 """Image-folder pipeline on a tiny folder of real MNIST digits: batches, order, training."""
 
-import importlib.util
 import json
-import pathlib
 
 import ml_collections
 import numpy as np
@@ -12,11 +10,12 @@ tf = pytest.importorskip("tensorflow")
 pytest.importorskip("tensorflow_datasets")
 Image = pytest.importorskip("PIL.Image")
 
+from _training_helpers import load_config  # noqa: E402
+
 from kure_jax.data import load_mnist5k, pipeline  # noqa: E402
 from kure_jax.data.folder import folder_dataset  # noqa: E402
 from kure_jax.training import loop, train_and_evaluate  # noqa: E402
 
-ROOT = pathlib.Path(__file__).parent.parent
 PER_CLASS = {"train": 8, "test": 3}  # 80 training and 30 test digits
 
 
@@ -155,10 +154,7 @@ def _only_train(tmp_path, root):
 
 
 def tiny_config():
-    spec = importlib.util.spec_from_file_location("cfg", ROOT / "configs" / "mnist5k_kure.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config("tiny")
+    config = load_config("mnist5k_kure", "tiny")
     config.dataset = "folder"
     config.batch_size = 16
     config.eval_batch_size = 16

@@ -1,12 +1,13 @@
 """What quant.fake_quant's backward pass keeps and computes (the cost side of its custom VJP):
-x is its only full-size residual, in x's own dtype, and an unused step gradient is dead code."""
+x is its only full-size residual, in x's own dtype, and an unused step gradient is dead code.
+The same for qat_ops.learned_clip_quant (float32 x)."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kure_jax import quant
+from kure_jax import qat_ops, quant
 
 SHAPE = (64, 32)
 
@@ -28,6 +29,14 @@ def test_x_is_the_only_full_size_residual(dtype, rounding):
     expected = [dtype] + ([jnp.float32] if rounding == "stochastic" else [])
     assert sorted(str(r.dtype) for r in full) == sorted(str(jnp.dtype(d)) for d in expected)
     assert any(r.dtype == dtype and np.array_equal(r, x) for r in full)
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_learned_clip_keeps_only_x(signed):
+    x = jax.random.normal(jax.random.key(0), SHAPE)
+    fq = lambda x, a: qat_ops.learned_clip_quant(x, a, bits=3, signed=signed)
+    full = [r for r in residuals(fq, x, jnp.full((1, SHAPE[1]), 1.3)) if r.shape == SHAPE]
+    assert len(full) == 1 and np.array_equal(full[0], x)
 
 
 def compiled_hlo(fn, *args):
