@@ -394,6 +394,16 @@ def test_validate_results_rejects_bad_files(sweep):
             validate_results(broken)
 
 
+def test_summary_names_the_worst_quantizer(sweep):
+    _, data, _ = sweep
+    two = {p["quantizer"]: p["accuracy"] for p in data["points"]
+           if p["kind"] == "weight" and p["weight_bits"] == 2}
+    worst = min(two, key=two.get)
+    expected = (f"{100 * np.mean(list(two.values())):.1f} / {100 * two[worst]:.1f} "
+                f"({worst})")
+    assert expected in summary_table(data)
+
+
 def test_grouped_report_averages_checkpoints(sweep):
     _, data, _ = sweep
     first = data["checkpoints"][0]

@@ -213,6 +213,16 @@ def _markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
+def _mean_worst(accuracy_by_quantizer: Mapping[str, float]) -> tuple[str, str]:
+    """``("mean", "worst (quantizer)")`` over quantizers: the worst one is named, since a single
+    quantizer (typically ``floor`` rounding) often sets it at every bit width."""
+    if not accuracy_by_quantizer:
+        return "–", "–"
+    worst = min(accuracy_by_quantizer, key=accuracy_by_quantizer.get)
+    mean = np.mean(list(accuracy_by_quantizer.values()))
+    return _pct(mean), f"{_pct(accuracy_by_quantizer[worst])} ({worst})"
+
+
 def summary_table(data: Mapping[str, Any], *, by_group: bool = False) -> str:
     """The headline table: FP, per-tensor max-abs weight PTQ per bit width, mean / worst over
     every weight quantizer per bit width, W/A pairs and the worst step-ratio accuracy."""
@@ -232,8 +242,8 @@ def summary_table(data: Mapping[str, Any], *, by_group: bool = False) -> str:
         w = weight.get(name, {})
         cells += [_pct(w.get(("max", b, None, 1.0))) for b in bits]
         for b in bits:
-            accs = [v for k, v in w.items() if k[1] == b]
-            cells.append(f"{_pct(np.mean(accs))} / {_pct(min(accs))}" if accs else "–")
+            accs = {k[0]: v for k, v in w.items() if k[1] == b}
+            cells.append(" / ".join(_mean_worst(accs)) if accs else "–")
         cells += [_pct(next((v for k, v in wa.get(name, {}).items() if (k[1], k[2]) == pair),
                             None)) for pair in pairs]
         for b in r_bits:
@@ -255,9 +265,8 @@ def _section_tables(data: Mapping[str, Any], by_group: bool) -> list[str]:
             accs = [w.get((q, b, None, 1.0)) for q in quantizers]
             cells = [_pct(a, _spread(data, {"kind": "weight"}, (q, b, None, 1.0), labels)
                           if by_group else None) for q, a in zip(quantizers, accs, strict=True)]
-            valid = [a for a in accs if a is not None]
-            body.append([name, *cells, _pct(np.mean(valid) if valid else None),
-                         _pct(min(valid) if valid else None)])
+            valid = {q: a for q, a in zip(quantizers, accs, strict=True) if a is not None}
+            body.append([name, *cells, *_mean_worst(valid)])
         out.append(f"### Weight-only PTQ, {b} bits\n\n"
                    + _markdown(["model", *quantizers, "mean", "worst"], body))
     wa = accuracy_table(data, by_group=by_group, kind="weight_act")
@@ -323,7 +332,8 @@ def markdown_report(data: Mapping[str, Any], *, plots: Sequence[str] = ()) -> st
                   ""]
     parts += [f"{len(data['checkpoints'])} checkpoint(s), {len(data['points'])} points, "
               f"created {data['created']}. Accuracy in % on the test split; "
-              "'worst' is the minimum over the sweep, 'mean' the average.", ""]
+              "'worst' is the minimum over the sweep (with the quantizer that gives it), "
+              "'mean' the average.", ""]
     if any(c.get("qat") for c in data["checkpoints"]):
         parts += ["For QAT checkpoints, FP and the PTQ columns evaluate the float shadow weights "
                   "with float activations (no learned quantizer); their own quantizers are in "
