@@ -27,6 +27,14 @@ _DISTRIBUTED = flags.DEFINE_bool(
     "Multi-host run (TPU pod, several GPU hosts): call jax.distributed.initialize() first, "
     "which reads the coordinator from the TPU/cluster environment.",
 )
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None,
+    "With --distributed, outside a detected cluster (TPU, SLURM, MPI): HOST:PORT of process 0.",
+)
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", None, "With --distributed and --coordinator_address: number of processes.")
+_PROCESS_ID = flags.DEFINE_integer(
+    "process_id", None, "With --distributed and --coordinator_address: this process's index.")
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Checkpoints and metrics directory (default: runs/<config file name>)."
 )
@@ -44,7 +52,11 @@ def main(argv: list[str]) -> int:
     if _DISTRIBUTED.value:
         import jax
 
-        jax.distributed.initialize()
+        # CPU processes (tests, CPU clusters) need a collectives backend; GPU/TPU ignore this.
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
+                                   num_processes=_NUM_PROCESSES.value,
+                                   process_id=_PROCESS_ID.value)
     workdir = _WORKDIR.value
     if workdir is None:
         config_path = config_flags.get_config_filename(flags.FLAGS["config"])

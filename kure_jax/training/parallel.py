@@ -62,8 +62,15 @@ class MeshParallel:
         return self.mesh.size
 
     def place_state(self, state: PyTree) -> PyTree:
-        """Replicates a (host or canonical) state on every device of the mesh."""
-        return jax.device_put(state, self.replicated)
+        """Replicates a (host or canonical) state on every device of the mesh.
+
+        With several processes ``device_put`` cannot target the other hosts' devices; a jitted
+        identity with a replicated output sharding builds the global arrays instead (every
+        process holds the same host value, as after the same seeded init or restore).
+        """
+        if jax.process_count() == 1:
+            return jax.device_put(state, self.replicated)
+        return jax.jit(lambda tree: tree, out_shardings=self.replicated)(state)
 
     def canonical_state(self, state: PyTree) -> PyTree:
         """The state as replicated global arrays (already the case here)."""
