@@ -35,6 +35,11 @@ _NUM_PROCESSES = flags.DEFINE_integer(
     "num_processes", None, "With --distributed and --coordinator_address: number of processes.")
 _PROCESS_ID = flags.DEFINE_integer(
     "process_id", None, "With --distributed and --coordinator_address: this process's index.")
+_STOP_AT_STEP = flags.DEFINE_integer(
+    "stop_at_step", None,
+    "Stop at this step after writing a checkpoint (e.g. a job's time slot); rerunning the same "
+    "command continues the run as if uninterrupted.",
+)
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Checkpoints and metrics directory (default: runs/<config file name>)."
 )
@@ -62,13 +67,19 @@ def main(argv: list[str]) -> int:
         config_path = config_flags.get_config_filename(flags.FLAGS["config"])
         workdir = str(pathlib.Path("runs") / pathlib.Path(config_path).stem)
     try:
-        result = kure_jax.training.train_and_evaluate(_CONFIG.value, workdir)
+        result = kure_jax.training.train_and_evaluate(_CONFIG.value, workdir,
+                                                      stop_at_step=_STOP_AT_STEP.value)
     except kure_jax.training.NonFiniteLossError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     metrics = result.eval_metrics
-    print(f"final test accuracy {metrics['accuracy']:.4f} ({metrics['count']} images); "
-          f"checkpoints and metrics.jsonl in {workdir}")
+    step = int(result.state.step)
+    if _STOP_AT_STEP.value is not None and step == _STOP_AT_STEP.value:
+        print(f"stopped at step {step}: test accuracy {metrics['accuracy']:.4f}; rerun the same "
+              f"command to continue from the checkpoint in {workdir}")
+    else:
+        print(f"final test accuracy {metrics['accuracy']:.4f} ({metrics['count']} images); "
+              f"checkpoints and metrics.jsonl in {workdir}")
     return 0
 
 

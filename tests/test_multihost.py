@@ -4,7 +4,7 @@ Two processes with 2 CPU devices each (gloo collectives, a local coordinator) mu
 like one process with 4 devices on the same global batches: same losses, same eval accuracy,
 same parameters. This exercises jax.distributed initialisation, per-process data slices
 assembled into global arrays, replicated state placement across processes, chief-only metrics
-and multi-process Orbax checkpointing.
+and multi-process Orbax checkpointing and resumption.
 """
 
 import json
@@ -42,19 +42,30 @@ def _free_port():
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """Workdirs of the 2-process run and of the 1-process, 4-device run."""
+    """Workdirs of the 2-process run (stopped at step 2, then resumed) and of the 1-process,
+    4-device run, and the resumed processes' outputs."""
     root = tmp_path_factory.mktemp("multihost")
     multi, single = root / "two_processes", root / "one_process"
+    # The 2-process run is interrupted at step 2 and resumed from its checkpoint.
+    for stop in (["--stop_at_step=2"], []):
+        outputs = _two_processes([*TRAIN, "--workdir", str(multi), *stop], root)
+    done = subprocess.run([*TRAIN, "--workdir", str(single)], env=_env(4), cwd=ROOT,
+                          capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return multi, single, outputs
+
+
+def _two_processes(command, root):
+    """Runs ``command --distributed`` as processes 0 and 1; returns their outputs."""
     address = f"localhost:{_free_port()}"
-    # Output to files, not pipes: a process blocked on a full pipe would stall the other one
-    # in its collectives.
     logs = [root / f"process_{i}.log" for i in range(2)]
-    procs = []
+    procs = []  # Output to files, not pipes: a process blocked on a full pipe would stall the
+    # other one in its collectives.
     for i, log in enumerate(logs):
         with open(log, "w") as out:
             procs.append(subprocess.Popen(
-                [*TRAIN, "--workdir", str(multi), "--distributed",
-                 f"--coordinator_address={address}", "--num_processes=2", f"--process_id={i}"],
+                [*command, "--distributed", f"--coordinator_address={address}",
+                 "--num_processes=2", f"--process_id={i}"],
                 env=_env(2), cwd=ROOT, stdout=out, stderr=subprocess.STDOUT))
     try:
         for p in procs:
@@ -65,10 +76,7 @@ def runs(tmp_path_factory):
     outputs = [log.read_text() for log in logs]
     for p, out in zip(procs, outputs, strict=True):
         assert p.returncode == 0, out[-3000:]
-    done = subprocess.run([*TRAIN, "--workdir", str(single)], env=_env(4), cwd=ROOT,
-                          capture_output=True, text=True, timeout=TIMEOUT_S)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return multi, single, outputs
+    return outputs
 
 
 def _records(workdir):
@@ -76,7 +84,8 @@ def _records(workdir):
 
 
 def test_both_processes_report_the_same_final_accuracy(runs):
-    _, _, outputs = runs
+    multi, _, outputs = runs
+    assert "Resuming from step 2" in (multi.parent / "process_0.log").read_text()
     finals = [next(line for line in out.splitlines() if line.startswith("final test accuracy"))
               for out in outputs]
     assert finals[0] == finals[1]
