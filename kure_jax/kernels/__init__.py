@@ -4,7 +4,9 @@ Each public function has the signature and semantics of the op it accelerates, p
 
 * ``impl``: ``"pallas"`` (the kernel; an input it cannot handle raises ValueError), ``"jnp"``
   (the library's plain ``jax.numpy`` op), ``"auto"`` (the kernel on the backends in
-  ``AUTO_PALLAS_BACKENDS``, falling back to jnp for inputs it cannot handle) or ``None``, which
+  ``AUTO_PALLAS_BACKENDS`` where it was measured faster than XLA — the penalty, and fake-quant
+  of 16-bit inputs with deterministic rounding — and jnp otherwise or for inputs it cannot
+  handle) or ``None``, which
   reads the ``KURE_JAX_KERNELS`` environment variable (same values), default ``"auto"``.
   The choice is made while tracing, so it is fixed per compiled program.
 * ``platform`` / ``interpret``: which kernel variant (``"gpu"`` Triton, ``"tpu"`` Mosaic) and
