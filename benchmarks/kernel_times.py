@@ -151,7 +151,10 @@ def _parse(ncu_csv: pathlib.Path, labels: pathlib.Path, out: pathlib.Path | None
 def _csv_lines(path: pathlib.Path):
     """The CSV part of an ncu log (it starts at the header line, after ncu's own messages)."""
     lines = path.read_text(errors="replace").splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith('"ID"'))
+    start = next((i for i, line in enumerate(lines) if line.startswith('"ID"')), None)
+    if start is None:
+        raise SystemExit(f"{path} has no CSV table (did ncu or the profiled program fail?): "
+                         + " | ".join(lines[-3:]))
     return collections.deque(lines[start:])
 
 
