@@ -404,6 +404,15 @@ def test_summary_names_the_worst_quantizer(sweep):
     assert expected in summary_table(data)
 
 
+def test_summary_marks_qat_checkpoints(sweep):
+    _, data, _ = sweep
+    assert "†" not in summary_table(data)
+    (checkpoint,) = data["checkpoints"]
+    qat = {**data, "checkpoints": [{**checkpoint, "qat": "lsq_w4a4"}]}
+    table = summary_table(qat)
+    assert f"| {checkpoint['label']} † |" in table and "float shadow weights" in table
+
+
 def test_grouped_report_averages_checkpoints(sweep):
     _, data, _ = sweep
     first = data["checkpoints"][0]

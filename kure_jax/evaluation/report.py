@@ -236,9 +236,12 @@ def summary_table(data: Mapping[str, Any], *, by_group: bool = False) -> str:
     header = ["model", "FP"]
     header += [f"W{b} max" for b in bits] + [f"W{b} mean / worst" for b in bits]
     header += [f"W{w}A{a}" for w, a in pairs] + [f"W{b} ratio worst" for b in r_bits]
-    rows = []
-    for name, _ in _rows(data, by_group):
+    qat_labels = {c["label"] for c in data["checkpoints"] if c.get("qat")}
+    rows, marked = [], False
+    for name, labels in _rows(data, by_group):
         cells = [name, _pct(next(iter(fp.get(name, {}).values()), None))]
+        if qat_labels.intersection(labels):  # FP/PTQ of a QAT model: float shadow weights.
+            cells[0], marked = f"{name} †", True
         w = weight.get(name, {})
         cells += [_pct(w.get(("max", b, None, 1.0))) for b in bits]
         for b in bits:
@@ -250,7 +253,12 @@ def summary_table(data: Mapping[str, Any], *, by_group: bool = False) -> str:
             accs = [v for k, v in ratio.get(name, {}).items() if k[1] == b]
             cells.append(_pct(min(accs)) if accs else "–")
         rows.append(cells)
-    return _markdown(header, rows)
+    table = _markdown(header, rows)
+    if marked:
+        table += ("\n\n† QAT checkpoint: these columns evaluate its float shadow weights with "
+                  "float activations (BatchNorm statistics of the quantised net), not its own "
+                  "quantizer; see the QAT tables of report.md.")
+    return table
 
 
 def _section_tables(data: Mapping[str, Any], by_group: bool) -> list[str]:
