@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import collections
 import csv
+import functools
 import json
 import pathlib
 import statistics
@@ -30,39 +31,55 @@ import statistics
 CALLS = 3
 
 
+def _profiled(fn, args: tuple, label: dict) -> None:
+    """Runs jitted ``fn(*args)`` ``CALLS`` times between the markers, then prints ``label``.
+
+    Compiles (first call) outside the markers; a function that fails to compile is skipped
+    and leaves no segment, so labels and segments stay paired.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    fn, tag = jax.jit(fn), jnp.arange(7.0)
+    try:
+        jax.block_until_ready(fn(*args))
+    except Exception as e:
+        print(f"skip {label['op']} {label['impl']}: {type(e).__name__}", flush=True)
+        return
+    begin, end = _markers()
+    jax.block_until_ready(begin(tag))
+    for _ in range(CALLS):
+        jax.block_until_ready(fn(*args))
+    jax.block_until_ready(end(tag))
+    print(json.dumps(label), flush=True)
+
+
+@functools.cache
+def _markers():
+    """The ``cos`` (begin) and ``sin`` (end) marker kernels, jitted once."""
+    import jax
+    import jax.numpy as jnp
+
+    return jax.jit(jnp.cos), jax.jit(jnp.sin)
+
+
 def _run(sizes: list[int]) -> None:
     import jax
     import jax.numpy as jnp
     from fake_quant_throughput import _ops
 
-    marker_in = jax.jit(lambda v: jnp.cos(v))
-    marker_out = jax.jit(lambda v: jnp.sin(v))
-    tag = jnp.arange(7.0)
     for dtype in (jnp.float32, jnp.bfloat16):
         for n in sizes:
             x = jax.random.normal(jax.random.key(1), (n // 1024, 1024), dtype)
             g = jax.random.normal(jax.random.key(2), x.shape, dtype)
             for name, impl, units, fn, needs_g in _ops(False):
-                fn = jax.jit(fn)
-                args = (x, g) if needs_g else (x,)
-                try:
-                    jax.block_until_ready(fn(*args))  # Compile outside the markers.
-                except Exception as e:  # A kernel that does not compile: no segment.
-                    print(f"skip {name} {impl}: {type(e).__name__}", flush=True)
-                    continue
-                jax.block_until_ready(marker_in(tag))
-                for _ in range(CALLS):
-                    jax.block_until_ready(fn(*args))
-                jax.block_until_ready(marker_out(tag))
-                print(json.dumps({"dtype": dtype.__name__, "elements": n, "op": name,
-                                  "impl": impl, "units": units,
-                                  "bytes": x.size * x.dtype.itemsize}), flush=True)
+                _profiled(fn, (x, g) if needs_g else (x,),
+                          {"dtype": dtype.__name__, "elements": n, "op": name, "impl": impl,
+                           "units": units, "bytes": x.size * x.dtype.itemsize})
 
 
 def _penalty_ops():
     """``(model, op, impl, fn, params)``: a copy of all params vs the penalty + its gradient."""
-    import functools
-
     import jax
     import jax.numpy as jnp
 
@@ -87,25 +104,12 @@ def _run_penalty() -> None:
     leaf buffers costs the host about a millisecond; here only the device's kernels count.
     """
     import jax
-    import jax.numpy as jnp
 
-    marker_in, marker_out = jax.jit(jnp.cos), jax.jit(jnp.sin)
-    tag = jnp.arange(7.0)
     for model, name, impl, fn, params in _penalty_ops():
-        fn = jax.jit(fn)
-        try:
-            jax.block_until_ready(fn(params))
-        except Exception as e:
-            print(f"skip {model} {name} {impl}: {type(e).__name__}", flush=True)
-            continue
-        jax.block_until_ready(marker_in(tag))
-        for _ in range(CALLS):
-            jax.block_until_ready(fn(params))
-        jax.block_until_ready(marker_out(tag))
         nbytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
         # units = 2 for every row: of_copy_bw is then t_copy / t, i.e. 1 / (time in copies).
-        print(json.dumps({"dtype": model, "elements": nbytes // 4, "op": name, "impl": impl,
-                          "units": 2, "bytes": nbytes}), flush=True)
+        _profiled(fn, (params,), {"dtype": model, "elements": nbytes // 4, "op": name,
+                                  "impl": impl, "units": 2, "bytes": nbytes})
 
 
 def _parse(ncu_csv: pathlib.Path, labels: pathlib.Path, out: pathlib.Path | None) -> None:
