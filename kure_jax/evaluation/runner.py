@@ -7,14 +7,9 @@ written by ``train.py``); the others work on any ``(model, variables, dataset)``
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import os
 import pathlib
-import sys
-import tempfile
-import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -29,9 +24,6 @@ from kure_jax.kurtosis import kurtosis_report
 __all__ = ["CheckpointError", "LoadedCheckpoint", "load_checkpoint", "run_sweep", "write_outputs"]
 
 PyTree = Any
-# See _stderr_dropped_on_error: after a failed restore, wait until nothing has been written for
-# _QUIET_S (the native threads have finished their reads), but at most _MAX_WAIT_S.
-_QUIET_S, _MAX_WAIT_S = 0.4, 5.0
 
 
 class CheckpointError(ValueError):
@@ -122,8 +114,7 @@ def load_checkpoint(
     if not directory.exists():
         raise CheckpointError(f"checkpoint {path}: no such file or directory.")
     try:
-        with _stderr_dropped_on_error():
-            config, model, variables = restore_for_eval(directory, which=which)
+        config, model, variables = restore_for_eval(directory, which=which)
     except Exception as err:  # Orbax/JSON/IO errors of a damaged checkpoint all end here.
         message = f"checkpoint {path} cannot be restored ({_first_line(err)})."
         raise CheckpointError(message) from err
@@ -178,46 +169,6 @@ def _describe(c: LoadedCheckpoint, spec: SweepSpec) -> tuple[dict[str, Any], dic
         "kurtosis": kurt, "config": c.config.to_dict(),
     }
     return entry, weights
-
-
-@contextlib.contextmanager
-def _stderr_dropped_on_error() -> Iterator[None]:
-    """Holds back what is written to file descriptor 2 inside; drops it if an error escapes.
-
-    A failed TensorStore read makes its native threads print "Event loop is closed" tracebacks
-    of Orbax's closed asyncio loop straight to fd 2 (not through ``sys.excepthook``). The error
-    that escapes already names the cause; on success the held-back output is written out.
-    """
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as held:
-        os.dup2(held.fileno(), 2)
-        try:
-            yield
-        except BaseException:
-            failed = True
-            _wait_until_quiet(held)
-            raise
-        else:
-            failed = False
-        finally:
-            sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-            if not failed:
-                held.seek(0)
-                sys.stderr.write(held.read().decode(errors="replace"))
-
-
-def _wait_until_quiet(held) -> None:
-    """Returns once ``held`` (a file) has not grown for ``_QUIET_S``, or after ``_MAX_WAIT_S``."""
-    deadline = time.monotonic() + _MAX_WAIT_S
-    size, quiet_since = os.fstat(held.fileno()).st_size, time.monotonic()
-    while time.monotonic() < deadline and time.monotonic() - quiet_since < _QUIET_S:
-        time.sleep(0.05)
-        new_size = os.fstat(held.fileno()).st_size
-        if new_size != size:
-            size, quiet_since = new_size, time.monotonic()
 
 
 def run_sweep(

@@ -13,7 +13,13 @@ facts about the run that the config does not state (image shape, steps per epoch
 
 from __future__ import annotations
 
+import contextlib
+import os
 import pathlib
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -22,6 +28,10 @@ import orbax.checkpoint as ocp
 
 from kure_jax.training.build import build_model
 from kure_jax.training.config import config_from_json
+
+# See _stderr_dropped_on_error: after a failed restore, wait until nothing has been written for
+# _QUIET_S (the native threads have finished their reads), but at most _MAX_WAIT_S.
+_QUIET_S, _MAX_WAIT_S = 0.4, 5.0
 
 __all__ = ["BEST_DIR", "LATEST_DIR", "Checkpoints", "restore_for_eval"]
 
@@ -158,30 +168,8 @@ def _resolve(path: pathlib.Path, which: str) -> tuple[pathlib.Path, int]:
     )
 
 
-def restore_for_eval(
-    path: str | pathlib.Path, *, which: str = "best"
-) -> tuple[ml_collections.ConfigDict, Any, dict[str, PyTree]]:
-    """Rebuilds a trained model from a checkpoint, without the original flags.
-
-    Args:
-      path: a workdir, one of its checkpoint directories (``checkpoints/``, ``best/``)
-        or a single step directory (``checkpoints/1234``).
-      which: for a workdir or ``best/``: ``"best"`` (highest eval accuracy, falling back
-        to the latest) or ``"latest"``.
-
-    Returns:
-      ``(config, model, variables)``: the training config, the unbound Flax model
-      (built for single-device use, no ``bn_axis_name``) and its variables
-      ``{"params", "batch_stats"[, "quant"]}`` on the default device. With
-      ``config.qat.enabled`` apply them with ``kure_jax.qat.quantized_apply``.
-
-    Raises:
-      ValueError: for an unknown ``which``.
-      FileNotFoundError: if no checkpoint is found under ``path``.
-    """
-    if which not in ("best", "latest"):
-        raise ValueError(f"which must be 'best' or 'latest'; got {which!r}.")
-    directory, step = _resolve(pathlib.Path(path).absolute(), which)
+def _restore_state_and_config(directory: pathlib.Path, step: int) -> dict[str, Any]:
+    """``{"state", "config"}`` of one step, restored read-only onto the default device."""
     manager = ocp.CheckpointManager(
         directory,
         options=_read_only_options(),
@@ -202,6 +190,78 @@ def restore_for_eval(
         )
     finally:  # Also after a failed restore: stops Orbax's background threads.
         manager.close()
+    return restored
+
+
+@contextlib.contextmanager
+def _stderr_dropped_on_error() -> Iterator[None]:
+    """Holds back what is written to file descriptor 2 inside; drops it if an error escapes.
+
+    A failed TensorStore read makes its native threads print "Event loop is closed" tracebacks
+    of Orbax's closed asyncio loop straight to fd 2 (not through ``sys.excepthook``). The error
+    that escapes already names the cause; on success the held-back output is written out.
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            failed = True
+            _wait_until_quiet(held)
+            raise
+        else:
+            failed = False
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            if not failed:
+                held.seek(0)
+                sys.stderr.write(held.read().decode(errors="replace"))
+
+
+def _wait_until_quiet(held) -> None:
+    """Returns once ``held`` (a file) has not grown for ``_QUIET_S``, or after ``_MAX_WAIT_S``."""
+    deadline = time.monotonic() + _MAX_WAIT_S
+    size, quiet_since = os.fstat(held.fileno()).st_size, time.monotonic()
+    while time.monotonic() < deadline and time.monotonic() - quiet_since < _QUIET_S:
+        time.sleep(0.05)
+        new_size = os.fstat(held.fileno()).st_size
+        if new_size != size:
+            size, quiet_since = new_size, time.monotonic()
+
+
+def restore_for_eval(
+    path: str | pathlib.Path, *, which: str = "best"
+) -> tuple[ml_collections.ConfigDict, Any, dict[str, PyTree]]:
+    """Rebuilds a trained model from a checkpoint, without the original flags.
+
+    Args:
+      path: a workdir, one of its checkpoint directories (``checkpoints/``, ``best/``)
+        or a single step directory (``checkpoints/1234``).
+      which: for a workdir or ``best/``: ``"best"`` (highest eval accuracy, falling back
+        to the latest) or ``"latest"``.
+
+    Returns:
+      ``(config, model, variables)``: the training config, the unbound Flax model
+      (built for single-device use, no ``bn_axis_name``) and its variables
+      ``{"params", "batch_stats"[, "quant"]}`` on the default device. With
+      ``config.qat.enabled`` apply them with ``kure_jax.qat.quantized_apply``.
+
+    Raises:
+      ValueError: for an unknown ``which``.
+      FileNotFoundError: if no checkpoint is found under ``path``.
+      Exception: Orbax/TensorStore errors of a damaged checkpoint, as raised by them. What their
+        native threads write to stderr during a failed restore is dropped (see
+        ``_stderr_dropped_on_error``); the error names the cause.
+    """
+    if which not in ("best", "latest"):
+        raise ValueError(f"which must be 'best' or 'latest'; got {which!r}.")
+    directory, step = _resolve(pathlib.Path(path).absolute(), which)
+    with _stderr_dropped_on_error():
+        restored = _restore_state_and_config(directory, step)
     config = config_from_json(restored["config"])
     state = restored["state"]
     variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
