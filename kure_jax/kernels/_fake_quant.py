@@ -111,8 +111,7 @@ def fake_quant(
         )
     _check_scale(scale, x.shape)
     view = _layout.view_for_scale(x.shape, scale.shape)
-    if impl == "pallas" and not (_kernel_applies(x, view, strict)
-                                 and (strict or _auto_takes_kernel(x, rounding))):
+    if impl == "pallas" and not _takes_kernel(x, view, rounding, strict):
         impl = "jnp"
     if impl == "jnp" and rounding != "stochastic":
         return quant.fake_quant(x, scale, bits=bits, signed=signed, narrow_range=narrow_range,
@@ -193,8 +192,7 @@ def absmax_fake_quant(
         raise ValueError(f"absmax_fake_quant needs a floating array; got dtype {x.dtype}.")
     kept = _kept_axes(policy.axis, x.ndim)
     view = _layout.view_for_kept_axes(x.shape, kept)
-    if impl == "pallas" and not (_kernel_applies(x, view, strict)
-                                 and (strict or _auto_takes_kernel(x, rounding))):
+    if impl == "pallas" and not _takes_kernel(x, view, rounding, strict):
         impl = "jnp"
     if impl == "jnp" and rounding != "stochastic":
         return policy_lib.quantize(x, policy, key=key, step_ratio=step_ratio)
@@ -267,6 +265,13 @@ def _auto_takes_kernel(x: jax.Array, rounding: str) -> bool:
     3-6% faster, and for stochastic rounding the jnp path of the same hash noise is 2-8% faster.
     """
     return x.dtype.itemsize == 2 and rounding != "stochastic"
+
+
+def _takes_kernel(x: jax.Array, view: _layout.View | None, rounding: str, strict: bool) -> bool:
+    """Whether a call resolved to the kernel runs it: ``impl="pallas"`` (``strict``) whenever
+    the kernel can take ``x`` (a refusal raises), ``impl="auto"`` only where it was measured
+    faster too."""
+    return _kernel_applies(x, view, strict) and (strict or _auto_takes_kernel(x, rounding))
 
 
 def _kernel_applies(x: jax.Array, view: _layout.View | None, strict: bool) -> bool:
