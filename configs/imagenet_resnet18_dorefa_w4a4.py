@@ -6,8 +6,8 @@ r"""The paper's ResNet-18 DoReFa W4A4 QAT recipe with KURE on ImageNet.
 lr 1e-4 divided by 10 at epochs 30, 60, 85 and 95 (as listed in the paper; training
 stops at 80), batch 256, 80 epochs, SGD momentum 0.9, weight decay 1e-4, K_T = 1.8,
 lambda = 1.0 on the float shadow weights; the stem conv and the classifier stay float.
-Same caveats as ``imagenet_resnet18_kure.py``: pretrained weights and the
-``imagenet2012`` pipeline are not available yet, so start-up fails with a clear message.
+Same caveat as ``imagenet_resnet18_kure.py`` (same caveat: no torchvision-pretrained weights yet, so
+training starts from scratch; ImageNet comes from TFDS with a manual dir).
 """
 
 import pathlib

@@ -9,7 +9,7 @@ Esser et al.'s LSQ; this config uses it so the experiment matches the paper. Pas
 ``--config.qat.weight_quantizer=lsq --config.qat.act_quantizer=lsq`` for Esser et
 al.'s learned step size. The paper gives no separate hyperparameters for this run;
 these are the DoReFa W4A4 recipe's (``imagenet_resnet18_dorefa_w4a4.py``), with the
-same caveats (no pretrained weights or ``imagenet2012`` pipeline yet).
+same caveat (no torchvision-pretrained weights yet).
 """
 
 import pathlib

@@ -2,8 +2,8 @@
 
     python train.py --config configs/imagenet_resnet50_kure.py --workdir runs/imagenet_resnet50_kure
 
-Otherwise as ``imagenet_resnet18_kure.py`` (same caveats: pretrained weights and the
-``imagenet2012`` pipeline are not available yet, so start-up fails with a clear message).
+Otherwise as ``imagenet_resnet18_kure.py`` (same caveat: no torchvision-pretrained weights yet, so
+training starts from scratch; ImageNet comes from TFDS with a manual dir).
 """
 
 import pathlib
