@@ -17,6 +17,7 @@ import argparse
 import logging
 import os
 import pathlib
+import signal
 import sys
 
 
@@ -39,16 +40,42 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Interrupts:
+    """Ctrl-C that cannot be lost inside library code.
+
+    Python raises ``KeyboardInterrupt`` wherever the main thread is when it handles SIGINT;
+    inside a Python callback of C code that discards any error of the callback (an attribute
+    probe, say) the exception is dropped, and the sweep would run to its end. This handler
+    also records the request, and :meth:`check` (called after every task) raises it again.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def handle(self, signum, frame) -> None:
+        self.requested = True
+        raise KeyboardInterrupt
+
+    def check(self, *_task_and_points) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     # Orbax logs a warning per read-only restore through absl; keep stderr for real errors.
     logging.getLogger("absl").setLevel(logging.ERROR)
     from kure_jax.evaluation import CheckpointError, load_sweep, run_sweep, summary_table
 
+    interrupts = _Interrupts()
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is signal.default_int_handler:  # not when started with SIGINT ignored
+        signal.signal(signal.SIGINT, interrupts.handle)
     try:
         spec = load_sweep(args.sweep, args.set)
         data = run_sweep(args.checkpoint, spec, args.out, which=args.which,
-                         progress=False if args.no_progress else None)
+                         progress=False if args.no_progress else None,
+                         after_task=interrupts.check)
     except (CheckpointError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         # After a failed restore, Orbax's background threads print "Event loop is closed"
@@ -60,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\ninterrupted: the finished points are in {args.out}/results.json",
               file=sys.stderr)
         return 130
+    finally:
+        signal.signal(signal.SIGINT, previous)
     grouped = len({c["group"] for c in data["checkpoints"]}) < len(data["checkpoints"])
     print(summary_table(data, by_group=grouped))
     print(f"\n{len(data['points'])} points; report: {pathlib.Path(args.out) / 'report.md'}")

@@ -1,8 +1,19 @@
-"""Device-side kernel times of the fake-quant ops, read by Nsight Compute (the profile).
+"""Device-side kernel times of the fake-quant ops and the KURE penalty (the profile).
 
 Question: the wall-clock rows of ``fake_quant_throughput.py`` include the host's per-call
 dispatch (tens of microseconds), which hides the device time of a tensor of a few million
-elements. This script runs each op of that script a few times between two marker kernels
+elements. Two ways to read the device's own time:
+
+``--trace DIR`` (any backend, no extra tool): runs every op ``CALLS`` times inside
+``jax.profiler.trace`` and sums, per call, the durations of the XLA kernels (GPU/TPU: the
+device's kernel events; CPU: XLA's thunks) that the trace attributes to the op's compiled
+module, then prints the table below and writes ``kernel_times.json`` to ``--out``. Caches are
+not flushed, so tensors that fit in L2 read faster than from HBM. On CPU the Pallas rows are
+skipped (interpret mode is not a performance path):
+
+    python benchmarks/kernel_times.py --trace /tmp/trace --sizes 24,26 --penalty --out DIR
+
+Nsight Compute (GPU, cold caches): each op runs a few times between two marker kernels
 (``cos`` before, ``sin`` after), so that ``ncu`` can attribute every kernel to its op:
 
     ncu --clock-control none --metrics gpu__time_duration.sum --csv --print-units base \\
@@ -24,6 +35,8 @@ import argparse
 import collections
 import csv
 import functools
+import gzip
+import itertools
 import json
 import pathlib
 import statistics
@@ -63,7 +76,8 @@ def _markers():
     return jax.jit(jnp.cos), jax.jit(jnp.sin)
 
 
-def _run(sizes: list[int]) -> None:
+def _fake_quant_rows(sizes: list[int]):
+    """``(fn, args, label)`` of every fake-quant op at every size, copy first per size."""
     import jax
     import jax.numpy as jnp
     from fake_quant_throughput import _ops
@@ -73,9 +87,9 @@ def _run(sizes: list[int]) -> None:
             x = jax.random.normal(jax.random.key(1), (n // 1024, 1024), dtype)
             g = jax.random.normal(jax.random.key(2), x.shape, dtype)
             for name, impl, units, fn, needs_g in _ops(False):
-                _profiled(fn, (x, g) if needs_g else (x,),
-                          {"dtype": dtype.__name__, "elements": n, "op": name, "impl": impl,
-                           "units": units, "bytes": x.size * x.dtype.itemsize})
+                yield fn, (x, g) if needs_g else (x,), {
+                    "dtype": dtype.__name__, "elements": n, "op": name, "impl": impl,
+                    "units": units, "bytes": x.size * x.dtype.itemsize}
 
 
 def _penalty_ops():
@@ -97,8 +111,8 @@ def _penalty_ops():
         yield name, "penalty+grad", "pallas", jax.value_and_grad(pallas), params
 
 
-def _run_penalty() -> None:
-    """Device time of the KURE penalty + gradient vs one copy of the same params pytree.
+def _penalty_rows():
+    """``(fn, args, label)``: the KURE penalty + gradient vs one copy of the same params.
 
     ``kure_penalty.py`` times these with the wall clock, where launching a function of ~160
     leaf buffers costs the host about a millisecond; here only the device's kernels count.
@@ -108,8 +122,82 @@ def _run_penalty() -> None:
     for model, name, impl, fn, params in _penalty_ops():
         nbytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
         # units = 2 for every row: of_copy_bw is then t_copy / t, i.e. 1 / (time in copies).
-        _profiled(fn, (params,), {"dtype": model, "elements": nbytes // 4, "op": name,
-                                  "impl": impl, "units": 2, "bytes": nbytes})
+        yield fn, (params,), {"dtype": model, "elements": nbytes // 4, "op": name,
+                              "impl": impl, "units": 2, "bytes": nbytes}
+
+
+def _trace(rows, trace_dir: pathlib.Path, out: pathlib.Path | None) -> None:
+    """Runs ``rows`` under ``jax.profiler.trace`` and summarises their kernel times."""
+    import jax
+
+    on_cpu = jax.default_backend() == "cpu"
+    ops, modules = [], []
+    for i, (fn, args, label) in enumerate(rows):
+        if on_cpu and label["impl"] == "pallas":
+            continue
+        # A unique function name gives the op its own XLA module name in the trace.
+        compiled = jax.jit(_renamed(fn, f"kt{i}_op"))
+        try:
+            jax.block_until_ready(compiled(*args))
+        except Exception as e:
+            print(f"skip {label['op']} {label['impl']}: {type(e).__name__}", flush=True)
+            continue
+        ops.append((label, compiled, args))
+        modules.append(f"kt{i}_op")
+    with jax.profiler.trace(str(trace_dir), create_perfetto_trace=True):
+        for _, compiled, args in ops:
+            for _ in range(CALLS):
+                jax.block_until_ready(compiled(*args))
+    calls = _calls_by_module(_latest_trace(trace_dir), modules)
+    _summarise([label for label, _, _ in ops], [calls[m] for m in modules], out)
+
+
+def _renamed(fn, name: str):
+    def op(*args):
+        return fn(*args)
+
+    op.__name__ = op.__qualname__ = name
+    return op
+
+
+def _latest_trace(trace_dir: pathlib.Path) -> pathlib.Path:
+    found = sorted(trace_dir.glob("plugins/profile/*/perfetto_trace.json.gz"))
+    if not found:
+        raise SystemExit(f"jax.profiler.trace wrote no perfetto_trace.json.gz under {trace_dir}")
+    return found[-1]
+
+
+def _calls_by_module(trace: pathlib.Path, modules: list[str]) -> dict[str, list[list]]:
+    """``{module: [[(kernel, ns), ...] per call]}`` from a perfetto trace of the ops.
+
+    Kernel events are those that carry an ``hlo_module`` argument; on a machine with an
+    accelerator only the ``/device:`` processes' events count (the host's launch events are
+    not device time). Calls are told apart by ``run_id`` where the events carry one, else by
+    splitting the module's kernels, in time order, into ``CALLS`` equal parts.
+    """
+    data = json.loads(gzip.decompress(trace.read_bytes()))
+    events = data["traceEvents"] if isinstance(data, dict) else data
+    names = {e["pid"]: e["args"]["name"] for e in events
+             if e.get("ph") == "M" and e.get("name") == "process_name"}
+    kernels = [e for e in events if e.get("ph") == "X" and "hlo_module" in e.get("args", {})]
+    device = [e for e in kernels if str(names.get(e["pid"], "")).startswith("/device:")]
+    kernels = sorted(device or kernels, key=lambda e: e["ts"])
+    calls = {}
+    for module in modules:
+        own = [e for e in kernels if module in e["args"]["hlo_module"]]
+        if all("run_id" in e["args"] for e in own):
+            runs = collections.defaultdict(list)
+            for e in own:
+                runs[e["args"]["run_id"]].append(e)
+            split = list(runs.values())
+        else:
+            per_call = len(own) // CALLS
+            split = [own[i * per_call:(i + 1) * per_call] for i in range(CALLS)]
+        if len(split) != CALLS or not all(split):
+            raise SystemExit(f"{trace}: expected {CALLS} calls of {module} with kernels, found "
+                             f"{[len(c) for c in split]}")
+        calls[module] = [[(e["name"], 1e3 * float(e["dur"])) for e in call] for call in split]
+    return calls
 
 
 def _parse(ncu_csv: pathlib.Path, labels: pathlib.Path, out: pathlib.Path | None) -> None:
@@ -130,10 +218,21 @@ def _parse(ncu_csv: pathlib.Path, labels: pathlib.Path, out: pathlib.Path | None
            if line.startswith("{")]
     if len(ops) != len(segments):
         raise SystemExit(f"{len(ops)} labelled ops but {len(segments)} marker segments")
-    results, copy_ns = [], {}
-    for op, kernels in zip(ops, segments, strict=True):
+    split = []
+    for kernels in segments:
         per_call = len(kernels) // CALLS
-        calls = [kernels[i * per_call:(i + 1) * per_call] for i in range(CALLS)]
+        split.append([kernels[i * per_call:(i + 1) * per_call] for i in range(CALLS)])
+    _summarise(ops, split, out)
+
+
+def _summarise(ops: list[dict], calls_per_op: list[list[list]], out: pathlib.Path | None):
+    """Prints and saves each op's median device time per call and its ``of_copy_bw``.
+
+    ``calls_per_op[i]`` lists, for each call of op ``i``, its ``(kernel name, ns)`` pairs.
+    """
+    results, copy_ns = [], {}
+    for op, calls in zip(ops, calls_per_op, strict=True):
+        per_call = len(calls[0])
         ns = statistics.median(sum(t for _, t in call) for call in calls)
         key = (op["dtype"], op["elements"])
         if op["op"].startswith("copy"):
@@ -170,16 +269,21 @@ def main() -> None:
     parser.add_argument("--labels", type=pathlib.Path, default=None,
                         help="With --parse: the run's stdout (one JSON label per op).")
     parser.add_argument("--out", type=pathlib.Path, default=None)
+    parser.add_argument("--trace", type=pathlib.Path, default=None,
+                        help="Profile with jax.profiler into this folder (no ncu needed).")
     parser.add_argument("--penalty", action="store_true",
                         help="Also profile the KURE penalty + gradient over ResNet-18/50 "
                              "params against a copy of them (rows keyed by model name).")
     args = parser.parse_args()
+    sizes = [1 << int(p) for p in args.sizes.split(",")] if args.sizes else []
+    rows = itertools.chain(_fake_quant_rows(sizes), _penalty_rows() if args.penalty else ())
     if args.parse is not None:
         _parse(args.parse, args.labels, args.out)
+    elif args.trace is not None:
+        _trace(rows, args.trace, args.out)
     else:
-        _run([1 << int(p) for p in args.sizes.split(",")] if args.sizes else [])
-        if args.penalty:
-            _run_penalty()
+        for fn, fn_args, label in rows:
+            _profiled(fn, fn_args, label)
 
 
 if __name__ == "__main__":

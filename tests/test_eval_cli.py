@@ -140,6 +140,33 @@ def test_ctrl_c_keeps_finished_points(workdir, tmp_path):
     assert not data["complete"] and len(data["points"]) >= 3
 
 
+def test_ctrl_c_swallowed_by_a_library_still_stops_the_sweep(monkeypatch, tmp_path):
+    # A KeyboardInterrupt raised inside code that discards it (as C code that clears a Python
+    # callback's error does) must still stop the sweep at the next task boundary.
+    import kure_jax.evaluation
+
+    eval_main = runpy.run_path(str(ROOT / "eval.py"))["main"]
+    tasks_run = []
+
+    def fake_run_sweep(checkpoints, spec, out_dir, *, which, progress, after_task):
+        for task in range(5):
+            tasks_run.append(task)
+            if task == 1:
+                try:
+                    os.kill(os.getpid(), signal.SIGINT)
+                    time.sleep(1)  # the handler runs here, inside the swallowing block
+                except KeyboardInterrupt:
+                    pass
+            after_task(task, [])
+        return {"checkpoints": [], "points": []}
+
+    monkeypatch.setattr(kure_jax.evaluation, "run_sweep", fake_run_sweep)
+    assert eval_main(["--checkpoint", str(tmp_path), "--sweep", TINY_SWEEP,
+                      "--out", str(tmp_path / "out")]) == 130
+    assert tasks_run == [0, 1]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+
+
 @pytest.mark.parametrize("recipe", ["qat_baseline", "dorefa_baseline", "dorefa_kure"])
 def test_demo_qat_recipes_build_valid_configs(recipe):
     # DoReFa kernels are scale-free: its recipes must put a BatchNorm after `hidden`; LSQ's not.

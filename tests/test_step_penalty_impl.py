@@ -9,6 +9,7 @@ import numpy as np
 import optax
 import pytest
 
+import kure_jax
 from kure_jax.models import SmallCNN
 from kure_jax.training import StepConfig, create_train_state, make_train_step, validate_config
 from kure_jax.training.build import step_config
@@ -64,6 +65,34 @@ def test_pallas_penalty_matches_jnp_penalty(setup):
     for name in KERNELS:
         change = np.linalg.norm(grads[name]["kernel"] - ce_grads[name]["kernel"])
         assert change > 1e-2 * np.linalg.norm(grads[name]["kernel"]), name
+
+
+@pytest.mark.parametrize(("impl", "kure_lambda"), [("jnp", 0.0), ("jnp", 1.0), ("pallas", 1.0)])
+def test_logged_kurtosis_is_the_penalty_s(setup, impl, kure_lambda):
+    # With the penalty on, the logged kurtosis is the vector the penalty was computed from
+    # (not a second computation); without it, it is computed for the log alone.
+    model, state, batch = setup
+    metrics, _, _ = run_step(model, state, batch, impl, kure_lambda=kure_lambda)
+    kurts = np.array([np_kurtosis(state.params[name]["kernel"]) for name in KERNELS])
+    np.testing.assert_allclose(metrics["kurtosis_mean"], kurts.mean(), rtol=1e-5)
+    np.testing.assert_allclose(metrics["kurtosis_max"], kurts.max(), rtol=1e-5)
+    expected_kure = np.mean((kurts - 1.8) ** 2) if kure_lambda else 0.0
+    np.testing.assert_allclose(metrics["kure"], expected_kure, rtol=1e-4)
+
+
+@pytest.mark.parametrize("reduction", ["sum", "max"])
+def test_reductions_match_the_core_penalty(setup, reduction):
+    model, state, batch = setup
+    spec = StepConfig(num_classes=10, kure_lambda=1.0, kure_reduction=reduction,
+                      penalty_impl="jnp")
+    _, metrics = jax.jit(make_train_step(model, spec))(state, batch)
+    expected = kure_jax.penalty(state.params, 1.8, reduction=reduction)
+    np.testing.assert_allclose(metrics["kure"], expected, rtol=1e-6)
+
+
+def test_unknown_reduction_raises():
+    with pytest.raises(ValueError, match=r"kure_reduction must be one of \('mean', 'sum', 'max'\)"):
+        StepConfig(num_classes=10, kure_reduction="median")
 
 
 def test_auto_is_the_dispatchers_choice(setup):

@@ -25,7 +25,7 @@ import optax
 
 from kure_jax import kernels
 from kure_jax.kurtosis import UNIFORM_KURTOSIS, kurtosis_report
-from kure_jax.selection import LeafPredicate
+from kure_jax.selection import LeafPredicate, select
 from kure_jax.training.state import TrainState
 
 __all__ = ["StepConfig", "cross_entropy", "make_eval_step", "make_train_step"]
@@ -33,6 +33,8 @@ __all__ = ["StepConfig", "cross_entropy", "make_eval_step", "make_train_step"]
 PyTree = Any
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
+
+_REDUCE = {"mean": jnp.mean, "sum": jnp.sum, "max": jnp.max}  # kure_jax.kurtosis.REDUCTIONS
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -57,8 +59,8 @@ class StepConfig:
       axis_name: the ``pmap`` axis to average over, or ``None`` under ``jit``.
 
     Raises:
-      ValueError: for ``kure_lambda < 0``, ``label_smoothing`` outside ``[0, 1)`` or an unknown
-        ``penalty_impl``.
+      ValueError: for ``kure_lambda < 0``, ``label_smoothing`` outside ``[0, 1)``, an unknown
+        ``kure_reduction`` or ``penalty_impl``.
     """
 
     num_classes: int
@@ -76,6 +78,10 @@ class StepConfig:
             raise ValueError(
                 "kure_lambda must be >= 0 and label_smoothing in [0, 1); got "
                 f"{self.kure_lambda} and {self.label_smoothing}."
+            )
+        if self.kure_reduction not in _REDUCE:
+            raise ValueError(
+                f"kure_reduction must be one of {tuple(_REDUCE)}; got {self.kure_reduction!r}."
             )
         if not isinstance(self.penalty_impl, str) or self.penalty_impl not in kernels.IMPLS:
             raise ValueError(
@@ -121,6 +127,17 @@ def _all_finite(*trees: PyTree) -> jax.Array:
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
+def _penalty_and_kurtosis(params: PyTree, spec: StepConfig) -> tuple[jax.Array, jax.Array]:
+    """The KURE penalty and the per-tensor kurtosis it is made of, float32 ``()`` and ``(n,)``.
+
+    One computation of the kurtosis serves the loss and the logged metrics (computing the
+    metrics separately would read every weight once more per step).
+    """
+    leaves = [leaf for _, leaf in select(params, spec.kure_where)]
+    kurt = kernels.kurtosis_many(leaves, impl=spec.penalty_impl)
+    return _REDUCE[spec.kure_reduction]((kurt - spec.kure_target) ** 2), kurt
+
+
 def make_train_step(
     model: nn.Module, spec: StepConfig
 ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
@@ -157,32 +174,28 @@ def make_train_step(
         )
         loss = ce
         kure = jnp.zeros((), jnp.float32)
-        if spec.kure_lambda:  # lambda = 0: the penalty is not even traced
-            kure = kernels.penalty(
-                trainable["params"],
-                spec.kure_target,
-                where=spec.kure_where,
-                reduction=spec.kure_reduction,
-                impl=spec.penalty_impl,
-            )
+        kurt = None  # lambda = 0: the penalty is not even traced
+        if spec.kure_lambda:
+            kure, kurt = _penalty_and_kurtosis(trainable["params"], spec)
             loss = ce + spec.kure_lambda * kure
         correct = jnp.argmax(logits, axis=-1) == batch["label"]
         aux = {"ce": ce, "kure": kure, "accuracy": jnp.mean(correct.astype(jnp.float32))}
-        return loss, (aux, updates.get("batch_stats", {}))
+        return loss, (aux, kurt, updates.get("batch_stats", {}))
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
         rng = jax.random.fold_in(state.rng, state.step)
         if spec.axis_name is not None:  # distinct dropout masks per device, as under jit
             rng = jax.random.fold_in(rng, jax.lax.axis_index(spec.axis_name))
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-        (loss, (aux, batch_stats)), grads = grad_fn(state.trainable, state, batch, rng)
+        (loss, (aux, kurt, batch_stats)), grads = grad_fn(state.trainable, state, batch, rng)
         metrics = {"loss": loss, **aux}
         if spec.axis_name is not None:
             # Equal per-device batches: the mean of per-device means is the global mean.
             grads, metrics, batch_stats = jax.lax.pmean(
                 (grads, metrics, batch_stats), spec.axis_name
             )
-        kurt = jnp.stack(list(kurtosis_report(state.params, spec.kure_where).values()))
+        if kurt is None:  # no penalty: the logged kurtosis is computed here
+            kurt = jnp.stack(list(kurtosis_report(state.params, spec.kure_where).values()))
         new_state = state.apply_gradients(grads, batch_stats=batch_stats)
         metrics.update(
             kurtosis_mean=jnp.mean(kurt),
