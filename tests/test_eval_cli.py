@@ -114,11 +114,19 @@ def test_cli_errors_are_one_line(workdir, tmp_path, case):
     assert lines[0].startswith("error: ") and expected in lines[0], lines[0]
 
 
+# Runs a script as __main__ with Python's own SIGINT handler, as under a terminal: a shell that
+# starts pytest as a background job (no job control) makes it and its children ignore SIGINT,
+# and eval.py rightly keeps an inherited "ignore".
+WITH_CTRL_C = ("import runpy, signal, sys;"
+               " signal.signal(signal.SIGINT, signal.default_int_handler);"
+               " sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
+
+
 def test_ctrl_c_keeps_finished_points(workdir, tmp_path):
     out = tmp_path / "out"
     proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "eval.py"), "--checkpoint", str(workdir), "--out", str(out),
-         "--no-progress"],  # the default sweep: far longer than this test waits
+        [sys.executable, "-c", WITH_CTRL_C, str(ROOT / "eval.py"), "--checkpoint", str(workdir),
+         "--out", str(out), "--no-progress"],  # the default sweep: far longer than this test waits
         cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     results = out / "results.json"
     try:
@@ -161,10 +169,14 @@ def test_ctrl_c_swallowed_by_a_library_still_stops_the_sweep(monkeypatch, tmp_pa
         return {"checkpoints": [], "points": []}
 
     monkeypatch.setattr(kure_jax.evaluation, "run_sweep", fake_run_sweep)
-    assert eval_main(["--checkpoint", str(tmp_path), "--sweep", TINY_SWEEP,
-                      "--out", str(tmp_path / "out")]) == 130
-    assert tasks_run == [0, 1]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)  # see WITH_CTRL_C
+    try:
+        code = eval_main(["--checkpoint", str(tmp_path), "--sweep", TINY_SWEEP,
+                          "--out", str(tmp_path / "out")])
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    finally:
+        signal.signal(signal.SIGINT, inherited)
+    assert code == 130 and tasks_run == [0, 1]
 
 
 @pytest.mark.parametrize("recipe", ["qat_baseline", "dorefa_baseline", "dorefa_kure"])

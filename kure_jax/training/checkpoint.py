@@ -54,6 +54,13 @@ def _read_only_options(**options: Any) -> ocp.CheckpointManagerOptions:
     )
 
 
+def _barriers(name: str) -> ocp.options.MultiprocessingOptions:
+    # On several processes each save synchronises them at barriers named after the step; the
+    # two managers often save the same step at once, and without their own key prefixes their
+    # barriers collide ("Barrier _async_write_complete.4 is already ongoing") and the run hangs.
+    return ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=name)
+
+
 class Checkpoints:
     """The two checkpoint managers of a workdir.
 
@@ -70,7 +77,9 @@ class Checkpoints:
         root = pathlib.Path(workdir).absolute()
         self.latest = ocp.CheckpointManager(
             root / LATEST_DIR,
-            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=keep, create=True, multiprocessing_options=_barriers(LATEST_DIR)
+            ),
             item_handlers=_handlers(),
         )
         self.best = None
@@ -83,6 +92,7 @@ class Checkpoints:
                     best_mode="max",
                     keep_checkpoints_without_metrics=False,
                     create=True,
+                    multiprocessing_options=_barriers(BEST_DIR),
                 ),
                 item_handlers=_handlers(),
             )

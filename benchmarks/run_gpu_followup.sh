@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Third GPU run (prepared 2026-12-01, not yet run): what the 2026-11-27 runs left open.
+#  1. Device time of the KURE penalty + gradient over ResNet-18/50 params vs one copy of them,
+#     read from jax.profiler's trace (kernel_times.py --trace; under ncu this profile died with
+#     a segmentation fault twice), with the fake-quant rows at 16M/64M for comparison.
+#  2. The same penalty profile under ncu with XLA's command buffers (CUDA graphs) turned off,
+#     a guess at what ncu could not instrument; cold-cache numbers if it works.
+#  3. quant.fake_quant's backward after it stopped saving its mask (fake_quant_throughput.py).
+#  4. The library train step after it stopped computing the logged kurtosis twice.
+# Prepared like run_gpu.sh (wheels in .whl/, see its header); device tool:
+#   command="bash benchmarks/run_gpu_followup.sh", carry=[".whl"], timeout_s=450
+# Budget (seconds): trace 100 + ncu 90 + throughput 80 + train step 150 = 420. At most 8 files
+# land in $OUT (the device tool's limit); the trace itself stays in /tmp.
+source "$(dirname "$0")/_gpu_env.sh"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tail -1
+
+start=$SECONDS
+(cd benchmarks && timeout -k 5 100 "$PY" kernel_times.py --trace /tmp/kure_trace --sizes 24,26 \
+    --penalty --out "$OUT" > "$OUT/kernel_times.log" 2>&1)
+echo "# kernel_times --trace: exit $? after $((SECONDS - start)) s"
+grep -v "^W1\|^I1" "$OUT/kernel_times.log" | tail -30
+
+NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+start=$SECONDS
+(cd benchmarks && XLA_FLAGS="--xla_gpu_enable_command_buffer=" timeout -k 5 90 "$NCU" \
+    --clock-control none --metrics gpu__time_duration.sum --csv --print-units base \
+    --log-file "$OUT/ncu.csv" "$PY" kernel_times.py --sizes "" --penalty \
+    > "$OUT/kernel_labels.txt" 2>&1)
+echo "# penalty under ncu (${NCU:-no ncu}, command buffers off): exit $? after $((SECONDS - start)) s"
+(cd benchmarks && "$PY" kernel_times.py --parse "$OUT/ncu.csv" --labels "$OUT/kernel_labels.txt") \
+    2>&1 | tail -8
+
+start=$SECONDS
+timeout -k 5 80 "$PY" benchmarks/fake_quant_throughput.py --sizes 24,26 --out "$OUT" \
+    > "$OUT/fake_quant_throughput.log" 2>&1
+echo "# fake_quant_throughput: exit $? after $((SECONDS - start)) s"
+grep "fq bwd\|copy" "$OUT/fake_quant_throughput.log" | tail -12
+
+start=$SECONDS
+timeout -k 5 150 "$PY" benchmarks/train_step.py --dtypes bfloat16 \
+    --configs "fp,fp+KURE[pallas],library fp,library fp+KURE,QAT-lsq+KURE" --out "$OUT" \
+    > "$OUT/train_step.log" 2>&1
+echo "# train_step: exit $? after $((SECONDS - start)) s"; grep -v "^W1" "$OUT/train_step.log" | tail -10
