@@ -7,7 +7,8 @@ elements. Two ways to read the device's own time:
 ``--trace DIR`` (any backend, no extra tool): runs every op ``CALLS`` times inside
 ``jax.profiler.trace`` and sums, per call, the durations of the XLA kernels (GPU/TPU: the
 device's kernel events; CPU: XLA's thunks) that the trace attributes to the op's compiled
-module, then prints the table below and writes ``kernel_times.json`` to ``--out``. Caches are
+module (or, if the events name no module, that lie between the marker kernels described below),
+then prints one line per op and writes ``kernel_times.json`` to ``--out``. Caches are
 not flushed, so tensors that fit in L2 read faster than from HBM. On CPU the Pallas rows are
 skipped (interpret mode is not a performance path):
 
@@ -144,12 +145,16 @@ def _trace(rows, trace_dir: pathlib.Path, out: pathlib.Path | None) -> None:
             continue
         ops.append((label, compiled, args))
         modules.append(f"kt{i}_op")
+    begin, end = _markers()
+    tag = jax.numpy.arange(7.0)
     with jax.profiler.trace(str(trace_dir), create_perfetto_trace=True):
         for _, compiled, args in ops:
+            jax.block_until_ready(begin(tag))
             for _ in range(CALLS):
                 jax.block_until_ready(compiled(*args))
-    calls = _calls_by_module(_latest_trace(trace_dir), modules)
-    _summarise([label for label, _, _ in ops], [calls[m] for m in modules], out)
+            jax.block_until_ready(end(tag))
+    calls = _calls_from_trace(_latest_trace(trace_dir), modules)
+    _summarise([label for label, _, _ in ops], calls, out)
 
 
 def _renamed(fn, name: str):
@@ -167,46 +172,51 @@ def _latest_trace(trace_dir: pathlib.Path) -> pathlib.Path:
     return found[-1]
 
 
-def _calls_by_module(trace: pathlib.Path, modules: list[str]) -> dict[str, list[list]]:
-    """``{module: [[(kernel, ns), ...] per call]}`` from a perfetto trace of the ops.
+def _calls_from_trace(trace: pathlib.Path, modules: list[str]) -> list[list[list]]:
+    """Each op's calls, each a list of ``(kernel, ns)``, read from a perfetto trace of the run.
 
-    Kernel events are those that carry an ``hlo_module`` argument; on a machine with an
-    accelerator only the ``/device:`` processes' events count (the host's launch events are
-    not device time). Calls are told apart by ``run_id`` where the events carry one, else by
-    splitting the module's kernels, in time order, into ``CALLS`` equal parts.
+    Kernel events: on a machine with an accelerator, the ``/device:`` processes' events (the
+    host's launch events are not device time); on CPU, XLA's thunks. Where they carry an
+    ``hlo_module`` argument they are attributed by module (``modules[i]`` is op ``i``'s) and
+    told apart by ``run_id`` (else split in time order into ``CALLS`` equal parts); where they
+    do not, by the marker kernels around each op, as in the ncu profile.
     """
     data = json.loads(gzip.decompress(trace.read_bytes()))
     events = data["traceEvents"] if isinstance(data, dict) else data
-    names = {e["pid"]: e["args"]["name"] for e in events
+    names = {e["pid"]: str(e["args"]["name"]) for e in events
              if e.get("ph") == "M" and e.get("name") == "process_name"}
-    kernels = [e for e in events if e.get("ph") == "X" and "hlo_module" in e.get("args", {})]
-    device = [e for e in kernels if str(names.get(e["pid"], "")).startswith("/device:")]
-    kernels = sorted(device or kernels, key=lambda e: e["ts"])
-    calls = {}
+    timed = [e for e in events if e.get("ph") == "X"]
+    device = [e for e in timed if names.get(e["pid"], "").startswith("/device:")]
+    kernels = sorted(device or [e for e in timed if "hlo_module" in e.get("args", {})],
+                     key=lambda e: e["ts"])
+    as_pairs = lambda evs: [(e["name"], 1e3 * float(e["dur"])) for e in evs]
+    if not any("hlo_module" in e.get("args", {}) for e in kernels):
+        segments = _marker_segments(as_pairs(kernels))
+        if len(segments) != len(modules):
+            raise SystemExit(f"{trace}: {len(modules)} ops but {len(segments)} marker segments "
+                             f"(processes: {sorted(set(names.values()))})")
+        return [_split_calls(segment) for segment in segments]
+    calls = []
     for module in modules:
-        own = [e for e in kernels if module in e["args"]["hlo_module"]]
-        if all("run_id" in e["args"] for e in own):
+        own = [e for e in kernels if module in e.get("args", {}).get("hlo_module", "")]
+        if own and all("run_id" in e["args"] for e in own):
             runs = collections.defaultdict(list)
             for e in own:
                 runs[e["args"]["run_id"]].append(e)
-            split = list(runs.values())
+            split = [as_pairs(run) for run in runs.values()]
         else:
-            per_call = len(own) // CALLS
-            split = [own[i * per_call:(i + 1) * per_call] for i in range(CALLS)]
+            split = _split_calls(as_pairs(own))
         if len(split) != CALLS or not all(split):
             raise SystemExit(f"{trace}: expected {CALLS} calls of {module} with kernels, found "
                              f"{[len(c) for c in split]}")
-        calls[module] = [[(e["name"], 1e3 * float(e["dur"])) for e in call] for call in split]
+        calls.append(split)
     return calls
 
 
-def _parse(ncu_csv: pathlib.Path, labels: pathlib.Path, out: pathlib.Path | None) -> None:
-    """Pairs the ncu kernel list with the op labels the run printed, in launch order."""
-    rows = [r for r in csv.DictReader(_csv_lines(ncu_csv))
-            if r.get("Metric Name") == "gpu__time_duration.sum"]
+def _marker_segments(kernels: list[tuple[str, float]]) -> list[list[tuple[str, float]]]:
+    """The kernels between each ``cos`` (begin) and the next ``sin`` (end) marker kernel."""
     segments, current = [], None
-    for r in rows:
-        kernel, ns = r["Kernel Name"], float(r["Metric Value"].replace(",", ""))
+    for kernel, ns in kernels:
         if "cos" in kernel.lower() and current is None:
             current = []
         elif "sin" in kernel.lower() and current is not None:
@@ -214,15 +224,26 @@ def _parse(ncu_csv: pathlib.Path, labels: pathlib.Path, out: pathlib.Path | None
             current = None
         elif current is not None:
             current.append((kernel, ns))
+    return segments
+
+
+def _split_calls(kernels: list) -> list[list]:
+    """``CALLS`` equal parts of one op's kernels, in launch order."""
+    per_call = len(kernels) // CALLS
+    return [kernels[i * per_call:(i + 1) * per_call] for i in range(CALLS)]
+
+
+def _parse(ncu_csv: pathlib.Path, labels: pathlib.Path, out: pathlib.Path | None) -> None:
+    """Pairs the ncu kernel list with the op labels the run printed, in launch order."""
+    rows = [r for r in csv.DictReader(_csv_lines(ncu_csv))
+            if r.get("Metric Name") == "gpu__time_duration.sum"]
+    segments = _marker_segments([(r["Kernel Name"], float(r["Metric Value"].replace(",", "")))
+                                 for r in rows])
     ops = [json.loads(line) for line in labels.read_text().splitlines()
            if line.startswith("{")]
     if len(ops) != len(segments):
         raise SystemExit(f"{len(ops)} labelled ops but {len(segments)} marker segments")
-    split = []
-    for kernels in segments:
-        per_call = len(kernels) // CALLS
-        split.append([kernels[i * per_call:(i + 1) * per_call] for i in range(CALLS)])
-    _summarise(ops, split, out)
+    _summarise(ops, [_split_calls(segment) for segment in segments], out)
 
 
 def _summarise(ops: list[dict], calls_per_op: list[list[list]], out: pathlib.Path | None):
