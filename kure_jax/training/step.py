@@ -5,8 +5,9 @@
    L = \\mathrm{CE}(\\mathrm{softmax}(f(x)), \\tilde y) + \\lambda \\, L_{KURE}(W),
    \\qquad \\tilde y = (1 - \\epsilon)\\, y + \\epsilon / C
 
-where :math:`L_{KURE}` is :func:`kure_jax.penalty` over the selected kernels (or its fused
-Pallas kernel, :func:`kure_jax.kernels.penalty`, see ``StepConfig.penalty_impl``). The same
+where :math:`L_{KURE}` is :func:`kure_jax.penalty` over the selected kernels, its per-tensor
+kurtosis computed by :func:`kure_jax.kernels.kurtosis_many` (jnp or the fused Pallas kernel, see
+``StepConfig.penalty_impl``) and logged from the same vector. The same
 functions run under ``jax.jit`` over a device mesh (``axis_name=None``: XLA reduces over
 the global, sharded batch) and under ``jax.pmap`` (``axis_name="batch"``: gradients,
 metrics and BatchNorm statistics are averaged across devices explicitly).
