@@ -67,10 +67,12 @@ def test_pallas_penalty_matches_jnp_penalty(setup):
         assert change > 1e-2 * np.linalg.norm(grads[name]["kernel"]), name
 
 
-@pytest.mark.parametrize(("impl", "kure_lambda"), [("jnp", 0.0), ("jnp", 1.0), ("pallas", 1.0)])
+@pytest.mark.parametrize(("impl", "kure_lambda"),
+                         [("jnp", 0.0), ("jnp", 1.0), ("pallas", 0.0), ("pallas", 1.0)])
 def test_logged_kurtosis_is_the_penalty_s(setup, impl, kure_lambda):
     # With the penalty on, the logged kurtosis is the vector the penalty was computed from
-    # (not a second computation); without it, it is computed for the log alone.
+    # (not a second computation); without it, it is computed for the log alone, by the same
+    # implementation.
     model, state, batch = setup
     metrics, _, _ = run_step(model, state, batch, impl, kure_lambda=kure_lambda)
     kurts = np.array([np_kurtosis(state.params[name]["kernel"]) for name in KERNELS])

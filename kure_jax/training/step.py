@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import optax
 
 from kure_jax import kernels
-from kure_jax.kurtosis import UNIFORM_KURTOSIS, kurtosis_report
+from kure_jax.kurtosis import UNIFORM_KURTOSIS
 from kure_jax.selection import LeafPredicate, select
 from kure_jax.training.state import TrainState
 
@@ -49,9 +49,10 @@ class StepConfig:
       kure_where: leaf selection of the penalty and of the logged kurtosis (``None``:
         all conv/dense kernels; see :mod:`kure_jax.selection`).
       kure_reduction: ``"mean"`` (paper), ``"sum"`` or ``"max"``.
-      penalty_impl: how the penalty is computed, one of ``kure_jax.kernels.IMPLS``: ``"jnp"``
-        (:func:`kure_jax.penalty`), ``"pallas"`` (the fused kernel of
-        :func:`kure_jax.kernels.penalty`; interpreted, hence slow, on CPU) or ``"auto"`` (the
+      penalty_impl: how the kurtosis of the penalty and of the logged metrics is computed, one
+        of ``kure_jax.kernels.IMPLS``: ``"jnp"`` (:func:`kure_jax.kurtosis`), ``"pallas"`` (the
+        fused kernel of :func:`kure_jax.kernels.kurtosis_many`; interpreted, hence slow, on
+        CPU) or ``"auto"`` (the
         kernel on the backends in ``kure_jax.kernels.AUTO_PALLAS_BACKENDS``, else jnp). Unlike
         ``kernels.penalty(impl=None)`` it never reads the ``KURE_JAX_KERNELS`` variable.
       label_smoothing: ``epsilon`` in the formula above, in ``[0, 1)``.
@@ -128,15 +129,14 @@ def _all_finite(*trees: PyTree) -> jax.Array:
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
-def _penalty_and_kurtosis(params: PyTree, spec: StepConfig) -> tuple[jax.Array, jax.Array]:
-    """The KURE penalty and the per-tensor kurtosis it is made of, float32 ``()`` and ``(n,)``.
+def _selected_kurtosis(params: PyTree, spec: StepConfig) -> jax.Array:
+    """float32 ``(n,)``: the kurtosis of each selected tensor, by ``spec.penalty_impl``.
 
-    One computation of the kurtosis serves the loss and the logged metrics (computing the
-    metrics separately would read every weight once more per step).
+    With the penalty on, the one computation serves the loss and the logged metrics
+    (computing the metrics separately would read every weight once more per step).
     """
     leaves = [leaf for _, leaf in select(params, spec.kure_where)]
-    kurt = kernels.kurtosis_many(leaves, impl=spec.penalty_impl)
-    return _REDUCE[spec.kure_reduction]((kurt - spec.kure_target) ** 2), kurt
+    return kernels.kurtosis_many(leaves, impl=spec.penalty_impl)
 
 
 def make_train_step(
@@ -154,7 +154,7 @@ def make_train_step(
       "label": (b,) int}`` and returns the updated state and scalar metrics ``loss``,
       ``ce``, ``kure`` (0 when ``kure_lambda == 0``), ``accuracy``, ``kurtosis_mean`` and
       ``kurtosis_max`` (over the selected kernels, before the update), ``grad_norm`` and
-      ``finite`` (loss, gradients and the new state are all finite). Wrap it in
+      ``finite`` (loss, gradient norm and the new state are all finite). Wrap it in
       ``jax.jit`` or ``jax.pmap(..., axis_name=spec.axis_name)``.
     """
 
@@ -177,7 +177,8 @@ def make_train_step(
         kure = jnp.zeros((), jnp.float32)
         kurt = None  # lambda = 0: the penalty is not even traced
         if spec.kure_lambda:
-            kure, kurt = _penalty_and_kurtosis(trainable["params"], spec)
+            kurt = _selected_kurtosis(trainable["params"], spec)
+            kure = _REDUCE[spec.kure_reduction]((kurt - spec.kure_target) ** 2)
             loss = ce + spec.kure_lambda * kure
         correct = jnp.argmax(logits, axis=-1) == batch["label"]
         aux = {"ce": ce, "kure": kure, "accuracy": jnp.mean(correct.astype(jnp.float32))}
@@ -196,13 +197,16 @@ def make_train_step(
                 (grads, metrics, batch_stats), spec.axis_name
             )
         if kurt is None:  # no penalty: the logged kurtosis is computed here
-            kurt = jnp.stack(list(kurtosis_report(state.params, spec.kure_where).values()))
+            kurt = _selected_kurtosis(state.params, spec)
         new_state = state.apply_gradients(grads, batch_stats=batch_stats)
+        grad_norm = optax.tree.norm(grads)
         metrics.update(
             kurtosis_mean=jnp.mean(kurt),
             kurtosis_max=jnp.max(kurt),
-            grad_norm=optax.tree.norm(grads),
-            finite=jnp.isfinite(loss) & _all_finite(grads, new_state.trainable, batch_stats),
+            grad_norm=grad_norm,
+            # A NaN/Inf gradient makes the norm NaN/Inf: no second pass over the gradients.
+            finite=jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+            & _all_finite(new_state.trainable, batch_stats),
         )
         return new_state, metrics
 
