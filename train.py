@@ -4,7 +4,9 @@
     python train.py --config configs/mnist5k_baseline.py --workdir runs/baseline
     python train.py --config.num_epochs=2 --config.kure.lambda_=0.1
 
-Rerunning with the same ``--workdir`` resumes from its latest checkpoint.
+Rerunning with the same ``--workdir`` resumes from its latest checkpoint. Ctrl-C first saves the
+last finished step as a checkpoint (single process; not a non-finite state). Exit codes: 0 done,
+2 non-finite loss, 130 interrupted.
 """
 
 import logging
@@ -72,6 +74,10 @@ def main(argv: list[str]) -> int:
     except kure_jax.training.NonFiniteLossError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"interrupted: rerun the same command to continue from the checkpoints in "
+              f"{workdir}", file=sys.stderr)
+        return 130
     metrics = result.eval_metrics
     step = int(result.state.step)
     if _STOP_AT_STEP.value is not None and step == _STOP_AT_STEP.value:

@@ -1,12 +1,17 @@
 """Checkpoints: bit-exact resume, best-k by accuracy, restore_for_eval, NaN guard."""
 
 import json
+import os
 import pathlib
+import signal
+import subprocess
+import sys
+import time
 
 import jax
 import numpy as np
 import pytest
-from _training_helpers import load_config
+from _training_helpers import ROOT, WITH_CTRL_C, load_config
 
 from kure_jax.data.pipeline import get_dataset
 from kure_jax.training import NonFiniteLossError, restore_for_eval, train_and_evaluate
@@ -131,3 +136,75 @@ def test_init_from_starts_qat_from_a_previous_run(tmp_path, straight):
         best["params"],
     )
     assert result.state.quant, "LSQ steps are initialised for the loaded weights"
+
+
+def _interrupt_after(monkeypatch, step):
+    """Raises KeyboardInterrupt in the training loop right after step ``step`` (as Ctrl-C)."""
+    from kure_jax.training import metrics
+
+    original = metrics.Progress.update
+
+    def update(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        update.calls += 1
+        if update.calls == step:
+            raise KeyboardInterrupt
+
+    update.calls = 0
+    monkeypatch.setattr(metrics.Progress, "update", update)
+
+
+def test_ctrl_c_saves_the_last_step_and_resumes_bit_exact(tmp_path, straight, monkeypatch):
+    _, expected = straight
+    _interrupt_after(monkeypatch, 5)  # between the checkpoints at 3 and 6
+    with pytest.raises(KeyboardInterrupt):
+        train_and_evaluate(tiny_config(), tmp_path)
+    assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()) == [3, 5]
+    monkeypatch.undo()
+    resumed = train_and_evaluate(tiny_config(), tmp_path)
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+                 (resumed.state.params, resumed.state.opt_state),
+                 (expected.state.params, expected.state.opt_state))
+
+
+def test_ctrl_c_does_not_save_a_non_finite_state(tmp_path, monkeypatch):
+    # lr 100 diverges within a few steps. With no log, eval or checkpoint before the last
+    # step, nothing is checked before the interrupt after step 5: the save on interrupt must
+    # check the pending steps itself and refuse.
+    config = tiny_config(learning_rate=100.0, eval_every_steps=100, log_every_steps=100,
+                         checkpoint_every_steps=100)
+    with pytest.raises(NonFiniteLossError) as probe:
+        train_and_evaluate(config, tmp_path / "probe")
+    assert probe.value.step <= 5  # diverged before the interrupt below
+    _interrupt_after(monkeypatch, 5)
+    with pytest.raises(KeyboardInterrupt):
+        train_and_evaluate(config, tmp_path / "run")
+    assert not [p for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit()]
+
+
+def test_train_cli_ctrl_c_exits_130_after_saving(tmp_path):
+    workdir = tmp_path / "run"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_DISABLE_MOST_OPTIMIZATIONS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", WITH_CTRL_C, str(ROOT / "train.py"), "--config",
+         f"{ROOT / 'configs' / 'mnist5k_kure.py'}:tiny", "--config.num_train_steps=100000",
+         "--config.log_every_steps=1", "--config.eval_every_steps=100000",
+         "--config.checkpoint_every_steps=100000", "--workdir", str(workdir)],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = workdir / "metrics.jsonl"
+    try:
+        for _ in range(1200):  # wait (at most 120 s) until two steps are logged
+            if metrics.is_file() and len(metrics.read_text().splitlines()) >= 2:
+                break
+            if proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, stderr[-3000:]
+    assert "interrupted: rerun the same command" in stderr and "Traceback" not in stderr
+    saved = [int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()]
+    assert len(saved) == 1 and saved[0] >= 2, saved

@@ -14,6 +14,7 @@ import time
 import jax
 import numpy as np
 import pytest
+from _training_helpers import WITH_CTRL_C
 
 from kure_jax.evaluation import validate_results
 from kure_jax.training import train_and_evaluate
@@ -112,14 +113,6 @@ def test_cli_errors_are_one_line(workdir, tmp_path, case):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("error: ") and expected in lines[0], lines[0]
-
-
-# Runs a script as __main__ with Python's own SIGINT handler, as under a terminal: a shell that
-# starts pytest as a background job (no job control) makes it and its children ignore SIGINT,
-# and eval.py rightly keeps an inherited "ignore".
-WITH_CTRL_C = ("import runpy, signal, sys;"
-               " signal.signal(signal.SIGINT, signal.default_int_handler);"
-               " sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
 
 
 def test_ctrl_c_keeps_finished_points(workdir, tmp_path):

@@ -114,6 +114,28 @@ def _layer_kurtosis(state: TrainState, spec: StepConfig) -> dict[str, float]:
     return {name: float(value) for name, value in report.items()}
 
 
+def _save_on_interrupt(step, state, unchecked, parallel, save, is_chief) -> None:
+    """On Ctrl-C, saves the last finished step so that rerunning the command resumes there.
+
+    Skipped (the last periodic checkpoint stands) on several processes, where a save needs
+    every process and only this one was interrupted; when the interrupt came inside the step
+    call, after its input state was donated; and when a step not yet checked is not finite.
+    """
+    reason = None
+    if jax.process_count() > 1:
+        reason = "a save needs every process"
+    elif any(x.is_deleted() for x in jax.tree.leaves(state) if isinstance(x, jax.Array)):
+        reason = "the interrupt came inside a step"
+    elif not all(parallel.metrics_to_host(m)["finite"] for _, m in unchecked):
+        reason = "the last steps were not finite"
+    else:
+        save(step, latest=True, eval_metrics=None)
+    if is_chief:
+        logging.warning("Interrupted after step %d: %s.", step,
+                        f"not saved ({reason}); the latest checkpoint stands" if reason
+                        else "saved a checkpoint; rerun the same command to resume")
+
+
 def train_and_evaluate(
     config: ml_collections.ConfigDict,
     workdir: str | pathlib.Path,
@@ -141,6 +163,8 @@ def train_and_evaluate(
         dataset, or batch sizes that do not divide over the devices.
       NonFiniteLossError: if a step's loss, gradients or new state are not finite;
         checkpoints written before it remain, none of the bad state is written.
+      KeyboardInterrupt: re-raised after saving the last finished step as a checkpoint
+        (single process, finite state; see ``_save_on_interrupt``).
     """
     validate_config(config)
     workdir = pathlib.Path(workdir)
@@ -222,9 +246,11 @@ def train_and_evaluate(
     window: list[dict[str, float]] = []  # fetched metrics since the last log line
     window_start, paused = time.perf_counter(), 0.0  # paused: eval/checkpoint time in window
     eval_metrics: dict[str, Any] = {}
+    done_step = start_step  # the step that `state` holds
     try:
         for step in range(start_step + 1, end_step + 1):
             state, metrics = train_step(state, parallel.place_batch(next(batches)))
+            done_step = step
             unchecked.append((step, metrics))
             progress.update()
             is_eval = step % eval_every == 0 or step == num_steps
@@ -262,6 +288,9 @@ def train_and_evaluate(
             paused += time.perf_counter() - pause_start
         if not eval_metrics:  # nothing evaluated in this call (stopped early, or already done)
             eval_metrics = run_eval()
+    except KeyboardInterrupt:
+        _save_on_interrupt(done_step, state, unchecked, parallel, save, is_chief)
+        raise
     finally:
         progress.close()
         writer.close()
