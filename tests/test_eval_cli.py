@@ -216,3 +216,28 @@ def test_demo_trains_sweeps_and_prints_the_comparison(tmp_path, capsys):
     assert "Not run (add --qat / --dorefa): W4A4-QAT (LSQ)" in printed  # no QAT pair here
     data = json.loads((tmp_path / "runs" / "eval" / "results.json").read_text())
     assert [c["group"] for c in data["checkpoints"]] == ["baseline", "kure"]
+
+
+def test_demo_ctrl_c_keeps_the_training_done_so_far(tmp_path):
+    runs = tmp_path / "runs"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", WITH_CTRL_C, str(ROOT / "kure_jax" / "evaluation" / "demo.py"),
+         "--workdir", str(runs), "--no-progress"],
+        cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = runs / "baseline_s0" / "metrics.jsonl"
+    try:
+        for _ in range(1200):  # wait (at most 120 s) until the first training logs a line
+            if metrics.is_file() and metrics.read_text().strip():
+                break
+            if proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, stderr[-3000:]
+    assert "interrupted: rerun the same command" in stderr and "Traceback" not in stderr
+    saved = [p.name for p in (runs / "baseline_s0" / "checkpoints").iterdir() if p.name.isdigit()]
+    assert saved, "the interrupted training saved no checkpoint"

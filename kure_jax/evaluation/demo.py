@@ -1,6 +1,6 @@
 """``make demo``: train the mnist5k baseline and KURE models, sweep both, print the comparison.
 
-    python -m kure_jax.evaluation.demo                        # 1 seed: ~6 min on 2 CPU cores
+    python -m kure_jax.evaluation.demo                        # 1 seed: 2-6 min on 2 CPU cores
     python -m kure_jax.evaluation.demo --seeds 3 --qat --dorefa --ablation  # docs/results.md
 
 Trains each recipe with ``kure_jax.training.train_and_evaluate`` into ``WORKDIR/<recipe>_s<seed>``
@@ -26,6 +26,7 @@ import argparse
 import logging
 import pathlib
 import runpy
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -186,5 +187,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def _main_interruptible() -> int:
+    try:
+        return main()
+    except KeyboardInterrupt:
+        print("\ninterrupted: rerun the same command to continue (finished trainings are reused,"
+              " an interrupted one resumes from its last checkpoint)", file=sys.stderr)
+        return 130
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(_main_interruptible())
