@@ -19,6 +19,7 @@ import os
 import pathlib
 import signal
 import sys
+import threading
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -69,7 +70,9 @@ def main(argv: list[str] | None = None) -> int:
 
     interrupts = _Interrupts()
     previous = signal.getsignal(signal.SIGINT)
-    if previous is signal.default_int_handler:  # not when started with SIGINT ignored
+    # Not when started with SIGINT ignored; and only the main thread may set handlers.
+    if (previous is signal.default_int_handler
+            and threading.current_thread() is threading.main_thread()):
         signal.signal(signal.SIGINT, interrupts.handle)
     try:
         spec = load_sweep(args.sweep, args.set)
@@ -88,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 130
     finally:
-        signal.signal(signal.SIGINT, previous)
+        if signal.getsignal(signal.SIGINT) == interrupts.handle:
+            signal.signal(signal.SIGINT, previous)
     grouped = len({c["group"] for c in data["checkpoints"]}) < len(data["checkpoints"])
     print(summary_table(data, by_group=grouped))
     print(f"\n{len(data['points'])} points; report: {pathlib.Path(args.out) / 'report.md'}")

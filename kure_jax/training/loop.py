@@ -129,7 +129,10 @@ def _save_on_interrupt(step, state, unchecked, parallel, save, is_chief) -> None
     elif not all(parallel.metrics_to_host(m)["finite"] for _, m in unchecked):
         reason = "the last steps were not finite"
     else:
-        save(step, latest=True, eval_metrics=None)
+        try:
+            save(step, latest=True, eval_metrics=None)
+        except Exception as err:  # e.g. interrupted inside a periodic save: keep the Ctrl-C
+            reason = f"the save failed: {type(err).__name__}: {err}"
     if is_chief:
         logging.warning("Interrupted after step %d: %s.", step,
                         f"not saved ({reason}); the latest checkpoint stands" if reason
