@@ -207,4 +207,26 @@ def test_train_cli_ctrl_c_exits_130_after_saving(tmp_path):
     assert proc.returncode == 130, stderr[-3000:]
     assert "interrupted: rerun the same command" in stderr and "Traceback" not in stderr
     saved = [int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()]
-    assert len(saved) == 1 and saved[0] >= 2, saved
+    assert len(saved) == 1 and saved[0] >= 2, (saved, stderr[-2000:])
+
+
+def test_ctrl_c_during_a_save_takes_effect_after_it():
+    # A KeyboardInterrupt inside Orbax's save can leave its threads waiting for each other
+    # (seen as a hang on Ctrl-C); the save blocks hold the interrupt back until they finish.
+    from kure_jax.training._interrupts import interrupts_deferred
+
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)  # see WITH_CTRL_C
+    finished = []
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with interrupts_deferred():
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.2)  # the signal is handled here, and held back
+                finished.append(True)
+        assert finished == [True]
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        with interrupts_deferred():  # no signal: no interrupt afterwards
+            finished.append(True)
+    finally:
+        signal.signal(signal.SIGINT, inherited)
+    assert finished == [True, True]

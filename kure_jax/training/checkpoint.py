@@ -26,6 +26,7 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
+from kure_jax.training._interrupts import interrupts_deferred
 from kure_jax.training.build import build_model
 from kure_jax.training.config import config_from_json
 
@@ -121,13 +122,16 @@ class Checkpoints:
     ) -> None:
         """Saves ``tree`` as a latest checkpoint if ``latest``, as a best one if ``eval_metrics``.
 
-        Steps already saved are skipped (a resumed run may reach them again).
+        Steps already saved are skipped (a resumed run may reach them again). A Ctrl-C during
+        the call takes effect when it returns.
         """
-        if latest and step not in self.latest.all_steps():
-            self.latest.save(step, args=self._args(tree, config, meta), force=True)
-        best = self.best
-        if eval_metrics is not None and best is not None and step not in best.all_steps():
-            best.save(step, args=self._args(tree, config, meta), metrics=eval_metrics, force=True)
+        with interrupts_deferred():
+            if latest and step not in self.latest.all_steps():
+                self.latest.save(step, args=self._args(tree, config, meta), force=True)
+            best = self.best
+            if eval_metrics is not None and best is not None and step not in best.all_steps():
+                best.save(step, args=self._args(tree, config, meta), metrics=eval_metrics,
+                          force=True)
 
     def restore(self, step: int, abstract_tree: PyTree) -> PyTree:
         """Restores the ``state`` item of ``step`` as ``abstract_tree``'s shapes and shardings."""
@@ -137,11 +141,12 @@ class Checkpoints:
         return restored["state"]
 
     def close(self) -> None:
-        """Waits for pending saves and releases the managers."""
-        for manager in (self.latest, self.best):
-            if manager is not None:
-                manager.wait_until_finished()
-                manager.close()
+        """Waits for pending saves and releases the managers (a Ctrl-C waits for them too)."""
+        with interrupts_deferred():
+            for manager in (self.latest, self.best):
+                if manager is not None:
+                    manager.wait_until_finished()
+                    manager.close()
 
 
 def _is_step_dir(path: pathlib.Path) -> bool:

@@ -14,6 +14,7 @@ from absl import logging
 
 from kure_jax.data.pipeline import Dataset, get_dataset
 from kure_jax.kurtosis import kurtosis_report
+from kure_jax.training._interrupts import interrupts_deferred
 from kure_jax.training.build import build_model, qat_config, step_config
 from kure_jax.training.checkpoint import Checkpoints, restore_for_eval
 from kure_jax.training.config import config_to_json, every_steps, total_steps, validate_config
@@ -118,8 +119,9 @@ def _save_on_interrupt(step, state, unchecked, parallel, save, is_chief) -> None
     """On Ctrl-C, saves the last finished step so that rerunning the command resumes there.
 
     Skipped (the last periodic checkpoint stands) on several processes, where a save needs
-    every process and only this one was interrupted; when the interrupt came inside the step
-    call, after its input state was donated; and when a step not yet checked is not finite.
+    every process and only this one was interrupted; when a step not yet checked is not
+    finite; and when the interrupt came inside a step call after it donated its input state
+    (the loop holds Ctrl-C back over that call, unless another SIGINT handler is installed).
     """
     reason = None
     if jax.process_count() > 1:
@@ -252,9 +254,10 @@ def train_and_evaluate(
     done_step = start_step  # the step that `state` holds
     try:
         for step in range(start_step + 1, end_step + 1):
-            state, metrics = train_step(state, parallel.place_batch(next(batches)))
-            done_step = step
-            unchecked.append((step, metrics))
+            with interrupts_deferred():  # Ctrl-C lands between steps, never mid-donation
+                state, metrics = train_step(state, parallel.place_batch(next(batches)))
+                done_step = step
+                unchecked.append((step, metrics))  # checked before any save, also on Ctrl-C
             progress.update()
             is_eval = step % eval_every == 0 or step == num_steps
             is_ckpt = step % ckpt_every == 0 or step == end_step
