@@ -2,6 +2,10 @@
 
 import importlib.util
 import pathlib
+import signal
+import subprocess
+import sys
+import time
 
 ROOT = pathlib.Path(__file__).parent.parent
 
@@ -19,3 +23,21 @@ def load_config(name, variant=None):
 WITH_CTRL_C = ("import runpy, signal, sys;"
                " signal.signal(signal.SIGINT, signal.default_int_handler);"
                " sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
+
+
+def interrupt_when(script, args, ready, *, env, timeout=120):
+    """Runs ``script args`` (as under a terminal, see WITH_CTRL_C), sends Ctrl-C once ``ready()``
+    is true (or after ``timeout`` seconds), and returns ``(exit code, stderr)``."""
+    proc = subprocess.Popen([sys.executable, "-c", WITH_CTRL_C, str(script), *map(str, args)],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and proc.poll() is None and not ready():
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return proc.returncode, stderr

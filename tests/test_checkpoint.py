@@ -4,14 +4,12 @@ import json
 import os
 import pathlib
 import signal
-import subprocess
-import sys
 import time
 
 import jax
 import numpy as np
 import pytest
-from _training_helpers import ROOT, WITH_CTRL_C, load_config
+from _training_helpers import ROOT, interrupt_when, load_config
 
 from kure_jax.data.pipeline import get_dataset
 from kure_jax.training import NonFiniteLossError, restore_for_eval, train_and_evaluate
@@ -184,27 +182,16 @@ def test_ctrl_c_does_not_save_a_non_finite_state(tmp_path, monkeypatch):
 
 def test_train_cli_ctrl_c_exits_130_after_saving(tmp_path):
     workdir = tmp_path / "run"
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_DISABLE_MOST_OPTIMIZATIONS": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, "-c", WITH_CTRL_C, str(ROOT / "train.py"), "--config",
-         f"{ROOT / 'configs' / 'mnist5k_kure.py'}:tiny", "--config.num_train_steps=100000",
-         "--config.log_every_steps=1", "--config.eval_every_steps=100000",
-         "--config.checkpoint_every_steps=100000", "--workdir", str(workdir)],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = workdir / "metrics.jsonl"
-    try:
-        for _ in range(1200):  # wait (at most 120 s) until two steps are logged
-            if metrics.is_file() and len(metrics.read_text().splitlines()) >= 2:
-                break
-            if proc.poll() is not None:
-                break
-            time.sleep(0.1)
-        proc.send_signal(signal.SIGINT)
-        _, stderr = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 130, stderr[-3000:]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_DISABLE_MOST_OPTIMIZATIONS": "1"}
+    code, stderr = interrupt_when(
+        ROOT / "train.py",
+        ["--config", f"{ROOT / 'configs' / 'mnist5k_kure.py'}:tiny",
+         "--config.num_train_steps=100000", "--config.log_every_steps=1",
+         "--config.eval_every_steps=100000", "--config.checkpoint_every_steps=100000",
+         "--workdir", workdir],
+        ready=lambda: metrics.is_file() and len(metrics.read_text().splitlines()) >= 2, env=env)
+    assert code == 130, stderr[-3000:]
     assert "interrupted: rerun the same command" in stderr and "Traceback" not in stderr
     saved = [int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()]
     assert len(saved) == 1 and saved[0] >= 2, (saved, stderr[-2000:])

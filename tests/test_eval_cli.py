@@ -14,7 +14,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from _training_helpers import WITH_CTRL_C
+from _training_helpers import interrupt_when
 
 from kure_jax.evaluation import validate_results
 from kure_jax.training import train_and_evaluate
@@ -117,24 +117,12 @@ def test_cli_errors_are_one_line(workdir, tmp_path, case):
 
 def test_ctrl_c_keeps_finished_points(workdir, tmp_path):
     out = tmp_path / "out"
-    proc = subprocess.Popen(
-        [sys.executable, "-c", WITH_CTRL_C, str(ROOT / "eval.py"), "--checkpoint", str(workdir),
-         "--out", str(out), "--no-progress"],  # the default sweep: far longer than this test waits
-        cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     results = out / "results.json"
-    try:
-        for _ in range(600):  # wait (at most 60 s) until a few points are finished
-            if results.is_file() and len(json.loads(results.read_text())["points"]) >= 3:
-                break
-            if proc.poll() is not None:
-                break
-            time.sleep(0.1)
-        proc.send_signal(signal.SIGINT)
-        _, stderr = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 130, stderr
+    code, stderr = interrupt_when(  # the default sweep: far longer than this test waits
+        ROOT / "eval.py", ["--checkpoint", workdir, "--out", out, "--no-progress"],
+        ready=lambda: results.is_file() and len(json.loads(results.read_text())["points"]) >= 3,
+        env=ENV, timeout=60)
+    assert code == 130, stderr
     assert "interrupted" in stderr and "Traceback" not in stderr
     data = json.loads(results.read_text())
     validate_results(data)
@@ -220,24 +208,11 @@ def test_demo_trains_sweeps_and_prints_the_comparison(tmp_path, capsys):
 
 def test_demo_ctrl_c_keeps_the_training_done_so_far(tmp_path):
     runs = tmp_path / "runs"
-    proc = subprocess.Popen(
-        [sys.executable, "-c", WITH_CTRL_C, str(ROOT / "kure_jax" / "evaluation" / "demo.py"),
-         "--workdir", str(runs), "--no-progress"],
-        cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = runs / "baseline_s0" / "metrics.jsonl"
-    try:
-        for _ in range(1200):  # wait (at most 120 s) until the first training logs a line
-            if metrics.is_file() and metrics.read_text().strip():
-                break
-            if proc.poll() is not None:
-                break
-            time.sleep(0.1)
-        proc.send_signal(signal.SIGINT)
-        _, stderr = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 130, stderr[-3000:]
+    code, stderr = interrupt_when(  # once the first training has logged a line
+        ROOT / "kure_jax" / "evaluation" / "demo.py", ["--workdir", runs, "--no-progress"],
+        ready=lambda: metrics.is_file() and bool(metrics.read_text().strip()), env=ENV)
+    assert code == 130, stderr[-3000:]
     assert "interrupted: rerun the same command" in stderr and "Traceback" not in stderr
     saved = [p.name for p in (runs / "baseline_s0" / "checkpoints").iterdir() if p.name.isdigit()]
     assert saved, "the interrupted training saved no checkpoint"

@@ -7,6 +7,7 @@ module) attributes exactly the same kernels as the module names do.
 """
 
 import gzip
+import importlib
 import json
 import os
 import subprocess
@@ -16,6 +17,15 @@ import pytest
 from _training_helpers import ROOT
 
 BENCHMARKS = ROOT / "benchmarks"
+
+
+def import_benchmark(name):
+    """A module of benchmarks/ (they import each other by plain name)."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(BENCHMARKS))
 
 
 @pytest.fixture(scope="module")
@@ -32,12 +42,8 @@ def traced(tmp_path_factory):
 
 def test_every_jnp_op_is_profiled(traced):
     _, rows = traced
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        from fake_quant_throughput import _ops
-    finally:
-        sys.path.remove(str(BENCHMARKS))
-    expected = [(name, impl) for name, impl, *_ in _ops(True) if impl != "pallas"]
+    ops = import_benchmark("fake_quant_throughput")._ops(True)
+    expected = [(name, impl) for name, impl, *_ in ops if impl != "pallas"]
     for dtype in ("float32", "bfloat16"):
         got = [(r["op"], r["impl"]) for r in rows if r["dtype"] == dtype]
         assert got == expected, dtype
@@ -52,11 +58,7 @@ def test_every_jnp_op_is_profiled(traced):
 
 def test_marker_fallback_matches_module_names(traced):
     root, _ = traced
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        import kernel_times as kt
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    kt = import_benchmark("kernel_times")
     trace = kt._latest_trace(root / "trace")
     events = json.loads(gzip.decompress(trace.read_bytes()))
     events = events["traceEvents"] if isinstance(events, dict) else events
