@@ -295,7 +295,8 @@ def train_and_evaluate(
         if not eval_metrics:  # nothing evaluated in this call (stopped early, or already done)
             eval_metrics = run_eval()
     except KeyboardInterrupt:
-        _save_on_interrupt(done_step, state, unchecked, parallel, save, is_chief)
+        if done_step > start_step:  # else nothing new to save
+            _save_on_interrupt(done_step, state, unchecked, parallel, save, is_chief)
         raise
     finally:
         progress.close()
