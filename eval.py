@@ -19,7 +19,6 @@ import os
 import pathlib
 import signal
 import sys
-import threading
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -66,13 +65,12 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     # Orbax logs a warning per read-only restore through absl; keep stderr for real errors.
     logging.getLogger("absl").setLevel(logging.ERROR)
+    from kure_jax._interrupts import sigint_is_ours
     from kure_jax.evaluation import CheckpointError, load_sweep, run_sweep, summary_table
 
     interrupts = _Interrupts()
     previous = signal.getsignal(signal.SIGINT)
-    # Not when started with SIGINT ignored; and only the main thread may set handlers.
-    if (previous is signal.default_int_handler
-            and threading.current_thread() is threading.main_thread()):
+    if sigint_is_ours():
         signal.signal(signal.SIGINT, interrupts.handle)
     try:
         spec = load_sweep(args.sweep, args.set)

@@ -48,24 +48,40 @@ CALLS = 3
 def _profiled(fn, args: tuple, label: dict) -> None:
     """Runs jitted ``fn(*args)`` ``CALLS`` times between the markers, then prints ``label``.
 
-    Compiles (first call) outside the markers; a function that fails to compile is skipped
-    and leaves no segment, so labels and segments stay paired.
+    A function that fails to compile is skipped and leaves no segment, so labels and segments
+    stay paired.
     """
+    compiled = _warmed(fn, args, label)
+    if compiled is not None:
+        _between_markers(compiled, args)
+        print(json.dumps(label), flush=True)
+
+
+def _warmed(fn, args: tuple, label: dict):
+    """``jax.jit(fn)``, compiled and run once (so no compilation is profiled); ``None``, with a
+    message, if it fails."""
+    import jax
+
+    compiled = jax.jit(fn)
+    try:
+        jax.block_until_ready(compiled(*args))
+    except Exception as e:
+        print(f"skip {label['op']} {label['impl']}: {type(e).__name__}", flush=True)
+        return None
+    return compiled
+
+
+def _between_markers(compiled, args: tuple) -> None:
+    """``CALLS`` calls of ``compiled(*args)`` between the begin and end marker kernels."""
     import jax
     import jax.numpy as jnp
 
-    fn, tag = jax.jit(fn), jnp.arange(7.0)
-    try:
-        jax.block_until_ready(fn(*args))
-    except Exception as e:
-        print(f"skip {label['op']} {label['impl']}: {type(e).__name__}", flush=True)
-        return
     begin, end = _markers()
+    tag = jnp.arange(7.0)
     jax.block_until_ready(begin(tag))
     for _ in range(CALLS):
-        jax.block_until_ready(fn(*args))
+        jax.block_until_ready(compiled(*args))
     jax.block_until_ready(end(tag))
-    print(json.dumps(label), flush=True)
 
 
 @functools.cache
@@ -137,22 +153,13 @@ def _trace(rows, trace_dir: pathlib.Path, out: pathlib.Path | None) -> None:
         if on_cpu and label["impl"] == "pallas":
             continue
         # A unique function name gives the op its own XLA module name in the trace.
-        compiled = jax.jit(_renamed(fn, f"kt{i}_op"))
-        try:
-            jax.block_until_ready(compiled(*args))
-        except Exception as e:
-            print(f"skip {label['op']} {label['impl']}: {type(e).__name__}", flush=True)
-            continue
-        ops.append((label, compiled, args))
-        modules.append(f"kt{i}_op")
-    begin, end = _markers()
-    tag = jax.numpy.arange(7.0)
+        compiled = _warmed(_renamed(fn, f"kt{i}_op"), args, label)
+        if compiled is not None:
+            ops.append((label, compiled, args))
+            modules.append(f"kt{i}_op")
     with jax.profiler.trace(str(trace_dir), create_perfetto_trace=True):
         for _, compiled, args in ops:
-            jax.block_until_ready(begin(tag))
-            for _ in range(CALLS):
-                jax.block_until_ready(compiled(*args))
-            jax.block_until_ready(end(tag))
+            _between_markers(compiled, args)
     calls = _calls_from_trace(_latest_trace(trace_dir), modules)
     _summarise([label for label, _, _ in ops], calls, out)
 

@@ -149,11 +149,16 @@ def penalty(
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}; got {reduction!r}.")
     terms = jnp.stack([term for _, term in _leaf_terms(params, target, where, axis, ddof)])
-    if reduction == "mean":
-        return jnp.mean(terms)
-    if reduction == "sum":
-        return jnp.sum(terms)
-    return jnp.max(terms)
+    return reduce_penalty_terms(terms, reduction)
+
+
+def reduce_penalty_terms(terms: jax.Array, reduction: str) -> jax.Array:
+    """``"mean"``, ``"sum"`` or ``"max"`` (one of ``REDUCTIONS``) of the per-leaf terms ``(n,)``.
+
+    Shared by :func:`penalty`, ``kure_jax.kernels.penalty`` and the training step, which
+    validate ``reduction`` up front (a ``KeyError`` here means they did not).
+    """
+    return {"mean": jnp.mean, "sum": jnp.sum, "max": jnp.max}[reduction](terms)
 
 
 def kurtosis_report(

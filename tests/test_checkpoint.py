@@ -200,7 +200,7 @@ def test_train_cli_ctrl_c_exits_130_after_saving(tmp_path):
 def test_ctrl_c_during_a_save_takes_effect_after_it():
     # A KeyboardInterrupt inside Orbax's save can leave its threads waiting for each other
     # (seen as a hang on Ctrl-C); the save blocks hold the interrupt back until they finish.
-    from kure_jax.training._interrupts import interrupts_deferred
+    from kure_jax._interrupts import interrupts_deferred
 
     inherited = signal.signal(signal.SIGINT, signal.default_int_handler)  # see WITH_CTRL_C
     finished = []

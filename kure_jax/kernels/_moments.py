@@ -33,7 +33,7 @@ from jax.typing import ArrayLike
 
 from kure_jax.kernels import _config
 from kure_jax.kernels import _moment_kernels as mk
-from kure_jax.kurtosis import REDUCTIONS, UNIFORM_KURTOSIS, kurtosis
+from kure_jax.kurtosis import REDUCTIONS, UNIFORM_KURTOSIS, kurtosis, reduce_penalty_terms
 from kure_jax.kurtosis import penalty as core_penalty
 from kure_jax.selection import LeafPredicate, select
 
@@ -202,7 +202,7 @@ def penalty(
     kurt = kurtosis_many(leaves, ddof=ddof, impl="pallas", platform=platform,
                          interpret=interpret, block_size=block_size)
     terms = (kurt - target) ** 2
-    return {"mean": jnp.mean, "sum": jnp.sum, "max": jnp.max}[reduction](terms)
+    return reduce_penalty_terms(terms, reduction)
 
 
 def _as_tensors(tensors: Sequence[ArrayLike]) -> list[jax.Array]:

@@ -26,7 +26,7 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
-from kure_jax.training._interrupts import interrupts_deferred
+from kure_jax._interrupts import interrupts_deferred
 from kure_jax.training.build import build_model
 from kure_jax.training.config import config_from_json
 

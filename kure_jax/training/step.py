@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import optax
 
 from kure_jax import kernels
-from kure_jax.kurtosis import UNIFORM_KURTOSIS
+from kure_jax.kurtosis import REDUCTIONS, UNIFORM_KURTOSIS, reduce_penalty_terms
 from kure_jax.selection import LeafPredicate, select
 from kure_jax.training.state import TrainState
 
@@ -34,8 +34,6 @@ __all__ = ["StepConfig", "cross_entropy", "make_eval_step", "make_train_step"]
 PyTree = Any
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
-
-_REDUCE = {"mean": jnp.mean, "sum": jnp.sum, "max": jnp.max}  # kure_jax.kurtosis.REDUCTIONS
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -81,9 +79,9 @@ class StepConfig:
                 "kure_lambda must be >= 0 and label_smoothing in [0, 1); got "
                 f"{self.kure_lambda} and {self.label_smoothing}."
             )
-        if self.kure_reduction not in _REDUCE:
+        if self.kure_reduction not in REDUCTIONS:
             raise ValueError(
-                f"kure_reduction must be one of {tuple(_REDUCE)}; got {self.kure_reduction!r}."
+                f"kure_reduction must be one of {REDUCTIONS}; got {self.kure_reduction!r}."
             )
         if not isinstance(self.penalty_impl, str) or self.penalty_impl not in kernels.IMPLS:
             raise ValueError(
@@ -178,7 +176,7 @@ def make_train_step(
         kurt = None  # lambda = 0: the penalty is not even traced
         if spec.kure_lambda:
             kurt = _selected_kurtosis(trainable["params"], spec)
-            kure = _REDUCE[spec.kure_reduction]((kurt - spec.kure_target) ** 2)
+            kure = reduce_penalty_terms((kurt - spec.kure_target) ** 2, spec.kure_reduction)
             loss = ce + spec.kure_lambda * kure
         correct = jnp.argmax(logits, axis=-1) == batch["label"]
         aux = {"ce": ce, "kure": kure, "accuracy": jnp.mean(correct.astype(jnp.float32))}

@@ -1,4 +1,4 @@
-"""Ctrl-C (SIGINT) held back over blocks that must not be cut short."""
+"""Ctrl-C (SIGINT) shared by the programs: whose signal it is, blocks it must not cut."""
 
 from __future__ import annotations
 
@@ -6,6 +6,14 @@ import contextlib
 import signal
 import threading
 from collections.abc import Iterator
+
+
+def sigint_is_ours() -> bool:
+    """Whether this code may replace the SIGINT handler: only from the main thread (Python's
+    rule) and over Python's default handler (not when the process was started with SIGINT
+    ignored, e.g. under ``nohup``, nor over a handler someone else installed)."""
+    return (threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGINT) is signal.default_int_handler)
 
 
 @contextlib.contextmanager
@@ -18,8 +26,7 @@ def interrupts_deferred() -> Iterator[None]:
     would hold no state to save). Acts only in the main thread and under Python's default
     handler; elsewhere the signal is not ours to handle and the block runs unchanged.
     """
-    if (threading.current_thread() is not threading.main_thread()
-            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+    if not sigint_is_ours():
         yield
         return
     received = []
