@@ -6,10 +6,12 @@
 #  2. The same penalty profile under ncu with XLA's command buffers (CUDA graphs) turned off,
 #     a guess at what ncu could not instrument; cold-cache numbers if it works.
 #  3. quant.fake_quant's backward after it stopped saving its mask (fake_quant_throughput.py).
-#  4. The library train step after it stopped computing the logged kurtosis twice.
+#  4. The library train step after it stopped computing the logged kurtosis twice, and QAT
+#     steps with the fused fake-quant kernels (QATConfig.kernel_impl="pallas") vs XLA's fusions.
 # Prepared like run_gpu.sh (wheels in .whl/, see its header); device tool:
 #   command="bash benchmarks/run_gpu_followup.sh", carry=[".whl"], timeout_s=450
-# Budget (seconds): trace 100 + ncu 90 + throughput 80 + train step 150 = 420. At most 8 files
+# Budget (seconds): trace 100 + ncu 90 + throughput 50 + train step 190 = 430 (a train-step
+# row took ~20 s on 2026-11-27). At most 8 files
 # land in $OUT (the device tool's limit); the trace itself stays in /tmp.
 source "$(dirname "$0")/_gpu_env.sh"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tail -1
@@ -31,13 +33,13 @@ echo "# penalty under ncu (${NCU:-no ncu}, command buffers off): exit $? after $
     2>&1 | tail -8
 
 start=$SECONDS
-timeout -k 5 80 "$PY" benchmarks/fake_quant_throughput.py --sizes 24,26 --out "$OUT" \
+timeout -k 5 50 "$PY" benchmarks/fake_quant_throughput.py --sizes 24 --out "$OUT" \
     > "$OUT/fake_quant_throughput.log" 2>&1
 echo "# fake_quant_throughput: exit $? after $((SECONDS - start)) s"
 grep "fq bwd\|copy" "$OUT/fake_quant_throughput.log" | tail -12
 
 start=$SECONDS
-timeout -k 5 150 "$PY" benchmarks/train_step.py --dtypes bfloat16 \
-    --configs "fp,fp+KURE[pallas],library fp,library fp+KURE,QAT-lsq+KURE" --out "$OUT" \
+timeout -k 5 190 "$PY" benchmarks/train_step.py --dtypes bfloat16 --out "$OUT" --configs \
+    "fp,fp+KURE[pallas],QAT-lsq+KURE,QAT-lsq[pallas]+KURE,QAT-max+KURE,QAT-max[pallas]+KURE,library fp,library fp+KURE" \
     > "$OUT/train_step.log" 2>&1
-echo "# train_step: exit $? after $((SECONDS - start)) s"; grep -v "^W1" "$OUT/train_step.log" | tail -10
+echo "# train_step: exit $? after $((SECONDS - start)) s"; grep -v "^W1" "$OUT/train_step.log" | tail -16

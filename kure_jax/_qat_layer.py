@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from kure_jax import qat_ops, quant
+from kure_jax import kernels, qat_ops, quant
 
 if TYPE_CHECKING:
     from kure_jax.qat import QATConfig
@@ -95,7 +95,8 @@ def _quantize_kernel(module: nn.Module, qat: QATConfig, w: jax.Array) -> jax.Arr
     bits, name = qat.weight_bits, qat.weight_quantizer
     if name == "lsq":
         step = _variable(module, qat, "kernel_step", lambda: quant.lsq_init_scale(w, bits=bits))
-        return quant.fake_quant(w, _floor(step), bits=bits, lsq_grad_scale=qat.lsq_grad_scale)
+        return kernels.fake_quant(w, _floor(step), bits=bits, lsq_grad_scale=qat.lsq_grad_scale,
+                                  impl=qat.kernel_impl)
     if name == "learned_clip":
         alpha = _variable(module, qat, "kernel_clip", lambda: _max_abs(w))
         return qat_ops.learned_clip_quant(w, _floor(alpha), bits=bits, signed=True)
@@ -103,7 +104,7 @@ def _quantize_kernel(module: nn.Module, qat: QATConfig, w: jax.Array) -> jax.Arr
         return qat_ops.dorefa_weight(w, bits=bits)
     # "max": symmetric narrow grid +-(2^(b-1) - 1) steps spanning exactly [-max|w|, max|w|].
     step = _floor(jax.lax.stop_gradient(_max_abs(w)) / (2 ** (bits - 1) - 1))
-    return quant.fake_quant(w, step, bits=bits, narrow_range=True)
+    return kernels.fake_quant(w, step, bits=bits, narrow_range=True, impl=qat.kernel_impl)
 
 
 def _quantize_input(module: nn.Module, qat: QATConfig, x: jax.Array) -> jax.Array:
@@ -115,9 +116,8 @@ def _quantize_input(module: nn.Module, qat: QATConfig, x: jax.Array) -> jax.Arra
     if name == "lsq":
         init = lambda signed: quant.lsq_init_scale(x, bits=bits, signed=signed)
         signed, step = _input_variable(module, qat, "input_step", x, init)
-        return quant.fake_quant(
-            x, _floor(step), bits=bits, signed=signed, lsq_grad_scale=qat.lsq_grad_scale
-        )
+        return kernels.fake_quant(x, _floor(step), bits=bits, signed=signed,
+                                  lsq_grad_scale=qat.lsq_grad_scale, impl=qat.kernel_impl)
     # "learned_clip": alpha starts at the largest magnitude seen, so nothing clips at first.
     init = lambda signed: _max_abs(x)
     signed, alpha = _input_variable(module, qat, "input_clip", x, init)

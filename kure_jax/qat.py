@@ -52,6 +52,7 @@ import jax
 
 from kure_jax import quant
 from kure_jax._qat_layer import QUANT_COLLECTION, call_order, is_quantizable, quantized_call
+from kure_jax.kernels import IMPLS as KERNEL_IMPLS
 from kure_jax.quant import MAX_BITS, MIN_BITS
 
 QUANTIZERS: tuple[str, ...] = ("lsq", "dorefa", "learned_clip", "max")
@@ -108,10 +109,24 @@ class QATConfig:
         ``nn.Dense`` is not affected.
       lsq_grad_scale: scale the LSQ step gradients by ``1 / sqrt(N Q_p)`` (Esser et al.); used by
         ``"lsq"`` only.
+      kernel_impl: how the quantizers with a fused kernel run (``"lsq"`` kernels and inputs,
+        ``"max"`` kernels), one of ``kure_jax.kernels.IMPLS``:
+
+        * ``"jnp"`` (default): ``kure_jax.quant.fake_quant``, which XLA fuses with the ops
+          around it. Inside a training step that fusion may be worth more than the kernels'
+          standalone gain, and a step with the kernels has not been timed yet (BENCHMARKS.md).
+        * ``"pallas"``: the fused Pallas kernels of ``kure_jax.kernels.fake_quant`` (same values
+          and gradients; off GPU/TPU they run in the Pallas interpreter, slowly).
+        * ``"auto"``: the kernels where ``kure_jax.kernels`` measured them faster than XLA on
+          their own (16-bit tensors on GPU), the jnp path elsewhere.
+
+        ``"dorefa"``, ``"learned_clip"`` and the ``"max"`` input quantizer (whose zero point
+        follows the tensor's sign) have no kernel and always run in jnp.
 
     Raises:
       ValueError: on construction (or ``dataclasses.replace``) for bits outside [2, 16] (or not an
-        int), an unknown quantizer name (the message lists ``QUANTIZERS``) or a non-bool flag.
+        int), an unknown quantizer name (the message lists ``QUANTIZERS``), an unknown
+        ``kernel_impl`` or a non-bool flag.
 
     >>> QATConfig(weight_bits=4, act_bits=None, weight_quantizer="dorefa").name
     'w4-dorefa/a-float'
@@ -124,6 +139,7 @@ class QATConfig:
     keep_first_float: bool = True
     keep_last_float: bool = True
     lsq_grad_scale: bool = True
+    kernel_impl: str = "jnp"
 
     def __post_init__(self) -> None:
         for field in ("weight_bits", "act_bits"):
@@ -143,6 +159,10 @@ class QATConfig:
                 raise ValueError(
                     f"QATConfig.{field} must be one of {QUANTIZERS}; got {name!r}."
                 )
+        if not isinstance(self.kernel_impl, str) or self.kernel_impl not in KERNEL_IMPLS:
+            raise ValueError(
+                f"QATConfig.kernel_impl must be one of {KERNEL_IMPLS}; got {self.kernel_impl!r}."
+            )
         for field in ("keep_first_float", "keep_last_float", "lsq_grad_scale"):
             if not isinstance(getattr(self, field), bool):
                 raise ValueError(

@@ -161,6 +161,8 @@ def test_config_fields_and_flags():
     assert not QATConfig(weight_bits=None, act_bits=None).quantizes
     with pytest.raises(ValueError, match="keep_first_float must be True or False"):
         QATConfig(keep_first_float=1)
+    with pytest.raises(ValueError, match=r"kernel_impl must be one of \('auto', 'pallas', 'jnp'\)"):
+        QATConfig(kernel_impl="triton")
 
 
 # --------------------------------------------------------------------- exactness and references
@@ -404,6 +406,49 @@ def test_small_cnn_gradients_finite_and_nonzero(cnn):
                                                         ("params", QUANT_COLLECTION)}):
         assert np.all(np.isfinite(g)), path
         assert np.any(g != 0), path
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("quantizer", ["lsq", "max"])
+def test_pallas_kernels_equal_jnp_path(quantizer, dtype):
+    """kernel_impl="pallas" (the interpreted kernels on CPU) gives the jnp path's outputs and
+    gradients: same straight-through and LSQ step gradients, through a whole model."""
+    model, x = _small_cnn(dtype=dtype), _images((4, 28, 28, 1))
+    cfgs = [QATConfig(weight_quantizer=quantizer, act_quantizer=quantizer, kernel_impl=impl,
+                      **ALL_QUANT) for impl in ("jnp", "pallas")]
+    variables = quantized_init(model, jax.random.key(0), x, qat=cfgs[0])
+
+    def loss(v, cfg):
+        out, _ = quantized_apply(model, v, x, qat=cfg, train=True, mutable=["batch_stats"])
+        return jnp.sum(out.astype(jnp.float32) ** 2)
+
+    (ref_loss, ref_grads), (got_loss, got_grads) = (
+        jax.jit(jax.value_and_grad(loss), static_argnums=1)(variables, cfg) for cfg in cfgs)
+    assert np.isfinite(ref_loss)
+    np.testing.assert_allclose(got_loss, ref_loss, rtol=1e-5)
+
+    # float32: only summation order differs. bfloat16: XLA also drops some bf16 round trips
+    # inside its fusions, which a kernel boundary keeps, so the cotangents differ by ~bf16 eps.
+    rtol = 1e-3 if dtype == jnp.float32 else 3e-2
+
+    def check(path, got, ref):
+        assert np.any(ref != 0), path
+        np.testing.assert_allclose(got, ref, rtol=rtol, atol=1e-6 * np.abs(ref).max(),
+                                   err_msg=jax.tree_util.keystr(path))
+
+    trained = lambda g: {k: g[k] for k in ("params", QUANT_COLLECTION)}
+    jax.tree_util.tree_map_with_path(check, trained(got_grads), trained(ref_grads))
+
+
+def test_pallas_kernels_are_in_the_program():
+    model, x = TwoLayer(), _images()
+    cfg = QATConfig(weight_bits=4, act_bits=4, kernel_impl="pallas", **ALL_QUANT)
+    variables = quantized_init(model, jax.random.key(0), x, qat=cfg)
+    jaxpr = str(jax.make_jaxpr(lambda v: quantized_apply(model, v, x, qat=cfg))(variables))
+    assert jaxpr.count("pallas_call") == 4  # two kernels, two inputs
+    jnp_cfg = dataclasses.replace(cfg, kernel_impl="jnp")
+    assert "pallas_call" not in str(
+        jax.make_jaxpr(lambda v: quantized_apply(model, v, x, qat=jnp_cfg))(variables))
 
 
 # --------------------------------------------------------------------------- training and dtypes
