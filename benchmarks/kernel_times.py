@@ -8,7 +8,8 @@ elements. Two ways to read the device's own time:
 ``jax.profiler.trace`` and sums, per call, the durations of the XLA kernels (GPU/TPU: the
 device's kernel events; CPU: XLA's thunks) that the trace attributes to the op's compiled
 module (or, if the events name no module, that lie between the marker kernels described below),
-then prints one line per op and writes ``kernel_times.json`` to ``--out``. Caches are
+then prints one line per op (and, for ops of several kernels, the time of each kernel: the
+profile) and writes ``kernel_times.json`` to ``--out``. Caches are
 not flushed, so tensors that fit in L2 read faster than from HBM. On CPU the Pallas rows are
 skipped (interpret mode is not a performance path):
 
@@ -43,6 +44,7 @@ import pathlib
 import statistics
 
 CALLS = 3
+TOP_KERNELS = 8  # Kernels listed per op in the printed profile.
 
 
 def _profiled(fn, args: tuple, label: dict) -> None:
@@ -254,7 +256,8 @@ def _parse(ncu_csv: pathlib.Path, labels: pathlib.Path, out: pathlib.Path | None
 
 
 def _summarise(ops: list[dict], calls_per_op: list[list[list]], out: pathlib.Path | None):
-    """Prints and saves each op's median device time per call and its ``of_copy_bw``.
+    """Prints and saves each op's median device time per call, its ``of_copy_bw`` and where
+    that time goes (``kernels``: per kernel name, launches and median time per call).
 
     ``calls_per_op[i]`` lists, for each call of op ``i``, its ``(kernel name, ns)`` pairs.
     """
@@ -267,6 +270,7 @@ def _summarise(ops: list[dict], calls_per_op: list[list[list]], out: pathlib.Pat
             copy_ns[key] = ns
         results.append({**op, "kernels_per_call": per_call,
                         "kernel_names": sorted({k for k, _ in calls[0]}),
+                        "kernels": _by_kernel(calls),
                         "device_us": ns / 1e3,
                         "GB_per_s": op["units"] * op["bytes"] / ns,
                         "of_copy_bw": op["units"] / 2 * copy_ns.get(key, float("nan")) / ns})
@@ -274,9 +278,28 @@ def _summarise(ops: list[dict], calls_per_op: list[list[list]], out: pathlib.Pat
         print(f"{r['dtype']:9s} {r['elements']:>10d} {r['op']:32s} {r['impl']:7s} "
               f"kernels={r['kernels_per_call']} {r['device_us']:8.1f} us "
               f"{r['GB_per_s']:7.0f} GB/s of_copy_bw={r['of_copy_bw']:.3f}")
+        if r["kernels_per_call"] > 1 and not r["op"].startswith("copy"):  # Where time goes.
+            for k in r["kernels"][:TOP_KERNELS]:
+                print(f"    {k['us']:8.1f} us {k['launches']:4d}x {k['name'][:70]}")
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "kernel_times.json").write_text(json.dumps(results, indent=1))
+
+
+def _by_kernel(calls: list[list]) -> list[dict]:
+    """Per kernel name: launches per call and the median over calls of its summed time (us),
+    longest first."""
+    per_call = []
+    for call in calls:
+        ns, launches = collections.Counter(), collections.Counter()
+        for name, t in call:
+            ns[name] += t
+            launches[name] += 1
+        per_call.append((ns, launches))
+    names = {name for ns, _ in per_call for name in ns}
+    rows = [{"name": name, "launches": per_call[0][1][name],
+             "us": statistics.median(ns[name] for ns, _ in per_call) / 1e3} for name in names]
+    return sorted(rows, key=lambda r: (-r["us"], r["name"]))
 
 
 def _csv_lines(path: pathlib.Path):

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Third GPU run (prepared 2026-12-01, not yet run): what the 2026-11-27 runs left open.
 #  1. Device time of the KURE penalty + gradient over ResNet-18/50 params vs one copy of them,
+#     with the time of each kernel (the profile: Pallas kernels vs the XLA merge between them),
 #     read from jax.profiler's trace (kernel_times.py --trace; under ncu this profile died with
 #     a segmentation fault twice), with the fake-quant rows at 16M/64M for comparison.
 #  2. The same penalty profile under ncu with XLA's command buffers (CUDA graphs) turned off,
@@ -20,7 +21,7 @@ start=$SECONDS
 (cd benchmarks && timeout -k 5 100 "$PY" kernel_times.py --trace /tmp/kure_trace --sizes 24,26 \
     --penalty --out "$OUT" > "$OUT/kernel_times.log" 2>&1)
 echo "# kernel_times --trace: exit $? after $((SECONDS - start)) s"
-grep -v "^W1\|^I1" "$OUT/kernel_times.log" | tail -30
+grep -v "^W1\|^I1" "$OUT/kernel_times.log" | tail -80
 
 NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
 start=$SECONDS

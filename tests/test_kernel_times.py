@@ -51,9 +51,20 @@ def test_every_jnp_op_is_profiled(traced):
         assert r["kernels_per_call"] >= 1 and r["device_us"] > 0, r
         if r["op"].startswith("copy"):
             assert r["of_copy_bw"] == 1.0
+        # The per-kernel profile accounts for the op's whole time.
+        assert sum(k["launches"] for k in r["kernels"]) == r["kernels_per_call"], r
+        assert {k["name"] for k in r["kernels"]} == set(r["kernel_names"]), r
     # Threefry noise takes many more ops than the fused forward: kernels are not mixed up.
     by_op = {(r["dtype"], r["op"]): r["kernels_per_call"] for r in rows}
     assert by_op[("float32", "stochastic fwd, threefry noise")] > by_op[("float32", "fq fwd")]
+
+
+def test_per_kernel_profile_takes_medians_over_calls():
+    kt = import_benchmark("kernel_times")
+    calls = [[("a", 10.0), ("b", 1.0), ("a", 5.0)], [("a", 20.0), ("b", 2.0), ("a", 4.0)],
+             [("a", 30.0), ("b", 9.0), ("a", 3.0)]]
+    assert kt._by_kernel(calls) == [{"name": "a", "launches": 2, "us": 0.024},
+                                    {"name": "b", "launches": 1, "us": 0.002}]
 
 
 def test_marker_fallback_matches_module_names(traced):
