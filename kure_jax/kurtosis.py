@@ -63,6 +63,8 @@ def kurtosis(x: ArrayLike, axis: Axis = None, *, ddof: int = 0) -> jax.Array:
 
     A tensor whose variance is zero up to rounding (a constant tensor) has no
     defined kurtosis; this returns 0 there, with a zero gradient, instead of NaN/Inf.
+    Any other finite tensor gives a finite value and gradient at any scale (the moments are
+    taken of ``x / max|x|``), e.g. weights with a std of 1e-10 or 1e10.
 
     Args:
       x: array of any shape, any float dtype (bfloat16/float16 are computed in float32).
@@ -90,14 +92,19 @@ def kurtosis(x: ArrayLike, axis: Axis = None, *, ddof: int = 0) -> jax.Array:
     if count <= ddof:
         raise ValueError(f"kurtosis needs > ddof={ddof} elements per reduction, got {count}.")
 
-    centred = x - jnp.mean(x, axis=axes, keepdims=True)
+    # Kurtosis is scale-free, so the moments are taken of x / max|x|: with the raw values a
+    # std below ~1e-5 underflows var^4 in the float32 gradient (NaN), and extreme scales
+    # overflow m4. The scale is a constant for autodiff; its true gradient term is exactly 0.
+    magnitude = jax.lax.stop_gradient(jnp.max(jnp.abs(x), axis=axes, keepdims=True))
+    inv_scale = 1 / jnp.where(magnitude > 0, magnitude, 1)
+    centred = (x - jnp.mean(x, axis=axes, keepdims=True)) * inv_scale
     squared = centred * centred
     variance = jnp.sum(squared, axis=axes) / (count - ddof)
     fourth_moment = jnp.mean(squared * squared, axis=axes)
-    # A constant tensor leaves residuals of order eps*|x| after centring; treat any variance at
-    # that level as zero. The double `where` keeps the gradient finite on the masked branch.
-    magnitude = jax.lax.stop_gradient(jnp.max(jnp.abs(x), axis=axes))
-    degenerate = variance <= (16 * jnp.finfo(dtype).eps * magnitude) ** 2
+    # A constant tensor leaves residuals of order eps*|x| after centring (at most 1 after
+    # scaling); treat any variance at that level as zero. The double `where` keeps the gradient
+    # finite on the masked branch.
+    degenerate = variance <= (16 * jnp.finfo(dtype).eps) ** 2
     safe_variance = jnp.where(degenerate, jnp.ones_like(variance), variance)
     return jnp.where(degenerate, jnp.zeros_like(variance), fourth_moment / safe_variance**2)
 

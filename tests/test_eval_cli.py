@@ -172,6 +172,9 @@ def test_demo_qat_recipes_build_valid_configs(recipe):
     dorefa = recipe.startswith("dorefa")
     assert config.seed == 2 and config.kure.lambda_ == (1.0 if recipe.endswith("kure") else 0.0)
     assert qat_config(config).weight_quantizer == ("dorefa" if dorefa else "lsq")
+    config.qat.kernel_impl = "pallas"  # as trained on a GPU; evaluation picks its own kernels
+    assert qat_config(config).kernel_impl == "pallas"
+    assert qat_config(config, kernel_impl="jnp").kernel_impl == "jnp"
     assert build_model(config, axis_name=None).hidden_norm is dorefa
 
 

@@ -89,7 +89,7 @@ def test_reductions_match_the_core_penalty(setup, reduction):
                       penalty_impl="jnp")
     _, metrics = jax.jit(make_train_step(model, spec))(state, batch)
     expected = kure_jax.penalty(state.params, 1.8, reduction=reduction)
-    np.testing.assert_allclose(metrics["kure"], expected, rtol=1e-6)
+    np.testing.assert_allclose(metrics["kure"], expected, rtol=1e-5)  # jit vs eager rounding
 
 
 def test_unknown_reduction_raises():

@@ -122,7 +122,7 @@ def load_checkpoint(
     try:
         if config.dataset not in datasets:
             datasets[config.dataset] = get_dataset(config.dataset)
-        qat = qat_config(config)
+        qat = qat_config(config, kernel_impl="jnp")  # not the training machine's kernels
     except (ValueError, AttributeError) as err:
         raise CheckpointError(f"checkpoint {path}: {_first_line(err)}") from err
     dataset = datasets[config.dataset]

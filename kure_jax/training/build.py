@@ -46,17 +46,22 @@ def build_model(config: ml_collections.ConfigDict, *, axis_name: str | None) -> 
     )
 
 
-def qat_config(config: ml_collections.ConfigDict) -> Any:
+def qat_config(config: ml_collections.ConfigDict, *, kernel_impl: str | None = None) -> Any:
     """A ``kure_jax.qat.QATConfig`` from ``config.qat`` if ``enabled``, else ``None``.
 
     Every field of ``config.qat`` except ``enabled`` is passed to ``QATConfig``, which
-    validates them (ValueError with the allowed values).
+    validates them (ValueError with the allowed values). ``kernel_impl``, if given, replaces
+    ``config.qat.kernel_impl``: which kernels run is a choice for the machine at hand (a
+    checkpoint trained with ``"pallas"`` on a GPU would run interpreted kernels on a CPU), and
+    the values do not depend on it.
     """
     if not config.qat.enabled:
         return None
     from kure_jax.qat import QATConfig  # only QAT runs need it
 
     fields = {k: v for k, v in config.qat.to_dict().items() if k != "enabled"}
+    if kernel_impl is not None:
+        fields["kernel_impl"] = kernel_impl
     return QATConfig(**fields)
 
 
