@@ -300,6 +300,23 @@ def test_kurtosis_many_matches_float64_with_gradient(ddof):
     assert not np.any(np.asarray(grads[-1]))  # Zero gradient for the constant tensor.
 
 
+@pytest.mark.parametrize("scale", [1e-30, 1e-10, 1e-5, 1e10, 1e30])
+def test_kurtosis_many_is_scale_free(scale):
+    # Raw fourth powers of weights with a std of 1e-10 (or 1e10) leave float32's range: the
+    # kernels work in units of each tensor's own scale, so value and gradient stay exact.
+    base = [np.asarray(leaf, np.float64) for _, leaf in kure_jax.select(_params(offset=3.0))
+            if leaf.dtype == jnp.float32]
+    leaves = [jnp.asarray(w * scale, jnp.float32) for w in base]
+    ours = jax.jit(lambda ts: kernels.kurtosis_many(ts, block_size=64, **PALLAS))
+    want = [_np_kurtosis(w, 0) for w in base]
+    np.testing.assert_allclose(ours(leaves), [k for k, _ in want], rtol=2e-6)
+    grads = jax.grad(lambda ts: jnp.sum(ours(ts)))(leaves)
+    _assert_grads_close([g * scale for g in grads], [g for _, g in want], rel=1e-5)
+    if 1e-10 <= scale <= 1e10:  # Raw moments themselves are float32 (m2 ~ scale^2).
+        moments = kernels.tensor_moments(leaves[:1], block_size=64, **PALLAS)
+        np.testing.assert_allclose(float(moments.m2[0]) / scale**2, np.var(base[0]), rtol=1e-5)
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum", "max"])
 def test_penalty_and_gradient_match_core(reduction):
     params = _params()

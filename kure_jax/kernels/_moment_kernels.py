@@ -22,8 +22,8 @@ from jax.experimental import pallas as pl
 from kure_jax.kernels import _config, _ops
 
 # Per-block statistics in the forward output row, in this order.
-MEAN, M2, M3, M4, ABSMAX = range(5)
-_STATS_WIDTH = 8  # Row width (power of two for Triton); the last 3 entries are unused.
+MEAN, M2, M3, M4, ABSMAX, SCALE = range(6)
+_STATS_WIDTH = 8  # Row width (power of two for Triton); the last 2 entries are unused.
 GPU_BLOCK = 4096
 TPU_BLOCK = 32 * 1024
 
@@ -78,12 +78,15 @@ def _branches(seg: Segments, body) -> None:
 
 
 def block_stats(seg: Segments, tensors: Sequence[jax.Array], launch: _config.Launch) -> jax.Array:
-    """float32 ``(programs, 8)``: shifted mean, centred power sums ``M2, M3, M4`` and ``max|x|``.
+    """float32 ``(programs, 8)``: shifted mean, scaled centred power sums, ``max|x|``, scale.
 
     Every tensor is read once. Each tensor is first shifted by its first element (exact for
     values within a factor 2 of it) so that block means keep their precision when a tensor's
     mean is large relative to its spread; sums are then centred on the block's own shifted
     mean, so no cancellation occurs. Column ``MEAN`` holds the block mean minus the shift.
+    The power sums are of ``d / a`` with ``d`` the centred values and ``a = max|d|`` the
+    block's scale (column ``SCALE``), so no fourth power under- or overflows float32 at any
+    scale of the weights: ``M_k = sum((d / a)^k)``.
     """
     num = len(tensors)
     flat = [t.reshape(-1) for t in tensors]
@@ -98,9 +101,11 @@ def block_stats(seg: Segments, tensors: Sequence[jax.Array], launch: _config.Lau
             count = jnp.sum(mask.astype(jnp.float32))
             mean = jnp.sum(w) / count
             d = jnp.where(mask, w - mean, 0.0)
+            scale = jnp.max(jnp.abs(d))
+            d = d * (1.0 / jnp.where(scale > 0, scale, 1.0))
             d2 = d * d
             amax = jnp.max(jnp.where(mask, jnp.abs(x), 0.0))
-            stats = (mean, jnp.sum(d2), jnp.sum(d2 * d), jnp.sum(d2 * d2), amax)
+            stats = (mean, jnp.sum(d2), jnp.sum(d2 * d), jnp.sum(d2 * d2), amax, scale)
             lane = jax.lax.broadcasted_iota(jnp.int32, (1, _STATS_WIDTH), 1)
             row = jnp.zeros((1, _STATS_WIDTH), jnp.float32)
             for k, value in enumerate(stats):
@@ -132,15 +137,21 @@ def _scalar_table_spec(table: jax.Array, launch: _config.Launch) -> pl.BlockSpec
 
 
 def merge(seg: Segments, stats: jax.Array, shifts: jax.Array) -> tuple[jax.Array, ...]:
-    r"""Per-tensor ``(mean - shift, m2, m3, m4, absmax)`` (central moments ``E[(x - mu)^k]``).
+    r"""Per tensor: ``mean - shift``, central moments ``m2, m3, m4`` in units of the tensor's
+    scale ``A``, ``max|x|`` and ``A`` itself.
 
     ``(stats, shifts)`` is what :func:`block_stats` returns; add ``shifts`` to the first entry
-    for the mean. Blocks are merged exactly by moving
-    each block's centred sums to the tensor mean: with ``d_b = mean_b - mean`` (both shifted),
+    for the mean, multiply ``m_k`` by ``A^k`` for ``E[(x - mu)^k]`` (kurtosis, a ratio, needs
+    neither, so it is finite at any scale). ``A`` is the largest block scale ``a_b``. Blocks
+    are merged exactly by moving each block's centred sums ``S_{k,b} = sum(((x - mu_b) /
+    a_b)^k)`` to the tensor mean, in units of ``A``: with ``r_b = a_b / A`` and ``d_b = (mu_b -
+    mu) / A`` (means shifted),
 
-    .. math:: M_2 = \sum_b M_{2,b} + n_b d_b^2, \quad
-              M_3 = \sum_b M_{3,b} + 3 d_b M_{2,b} + n_b d_b^3, \quad
-              M_4 = \sum_b M_{4,b} + 4 d_b M_{3,b} + 6 d_b^2 M_{2,b} + n_b d_b^4 .
+    .. math:: M_2 = \sum_b r_b^2 S_{2,b} + n_b d_b^2, \quad
+              M_3 = \sum_b r_b^3 S_{3,b} + 3 d_b r_b^2 S_{2,b} + n_b d_b^3,
+
+    .. math:: M_4 = \sum_b r_b^4 S_{4,b} + 4 d_b r_b^3 S_{3,b} + 6 d_b^2 r_b^2 S_{2,b}
+              + n_b d_b^4 .
     """
     tid_np, n_b = seg.block_counts()
     num = len(seg.sizes)
@@ -148,24 +159,29 @@ def merge(seg: Segments, stats: jax.Array, shifts: jax.Array) -> tuple[jax.Array
     n = jnp.asarray(np.asarray(seg.sizes, np.float32))
     segsum = lambda v: jax.ops.segment_sum(v, tid, num, indices_are_sorted=True)
     mean_b, m2_b, m3_b, m4_b = (stats[:, k] for k in (MEAN, M2, M3, M4))
+    # One scatter for both maxima.
+    absmax, scale = jax.ops.segment_max(stats[:, ABSMAX:SCALE + 1], tid, num,
+                                        indices_are_sorted=True).T
+    inv = 1.0 / jnp.where(scale > 0, scale, 1.0)
     mean = segsum(n_b * mean_b) / n
-    d = mean_b - mean[tid]
-    m2 = segsum(m2_b + n_b * d * d)
-    m3 = segsum(m3_b + 3 * d * m2_b + n_b * d**3)
-    m4 = segsum(m4_b + 4 * d * m3_b + 6 * d * d * m2_b + n_b * d**4)
-    absmax = jax.ops.segment_max(stats[:, ABSMAX], tid, num, indices_are_sorted=True)
-    return mean, m2 / n, m3 / n, m4 / n, absmax
+    d = (mean_b - mean[tid]) * inv[tid]
+    r = stats[:, SCALE] * inv[tid]
+    s2, s3, s4 = r * r * m2_b, r * r * r * m3_b, (r * r) * (r * r) * m4_b
+    m2 = segsum(s2 + n_b * d * d)
+    m3 = segsum(s3 + 3 * d * s2 + n_b * d**3)
+    m4 = segsum(s4 + 4 * d * s3 + 6 * d * d * s2 + n_b * d**4)
+    return mean, m2 / n, m3 / n, m4 / n, absmax, scale
 
 
 def gradients(
     seg: Segments, tensors: Sequence[jax.Array], coefs: jax.Array, launch: _config.Launch
 ) -> list[jax.Array]:
-    r"""Per-element ``g = a_i ((w - mu_i)^3 - m3_i) - b_i (w - mu_i)`` for every tensor ``i``.
+    r"""Per-element ``g = a_i (u^3 - m3_i) - b_i u`` with ``u = (w - mu_i) / A_i``, every tensor.
 
-    ``coefs`` is float32 ``(num_tensors, 5)`` with rows ``(shift_i, mu_i - shift_i, m3_i, a_i,
-    b_i)``; ``w - mu_i`` is computed as ``(w - shift_i) - (mu_i - shift_i)`` for precision, as in
-    :func:`block_stats`. Reads each tensor once and writes its gradient once, in the tensor's
-    dtype and shape.
+    ``coefs`` is float32 ``(num_tensors, 6)`` with rows ``(shift_i, mu_i - shift_i, m3_i, a_i,
+    b_i, 1 / A_i)`` (``m3_i`` in units of the scale ``A_i``, see :func:`merge`); ``w - mu_i`` is
+    computed as ``(w - shift_i) - (mu_i - shift_i)`` for precision, as in :func:`block_stats`.
+    Reads each tensor once and writes its gradient once, in the tensor's dtype and shape.
     """
     num = len(tensors)
 
@@ -173,8 +189,9 @@ def gradients(
         coef_ref, in_refs, out_refs = refs[0], refs[1 : 1 + num], refs[1 + num :]
 
         def body(i, mask):
-            shift, mu, m3, a, b = (coef_ref[i, k] for k in range(5))
-            d = (_ops.load(in_refs[i], mask, launch).astype(jnp.float32) - shift) - mu
+            shift, mu, m3, a, b, inv_scale = (coef_ref[i, k] for k in range(6))
+            x = _ops.load(in_refs[i], mask, launch).astype(jnp.float32)
+            d = ((x - shift) - mu) * inv_scale
             g = a * (d * d * d - m3) - b * d
             _ops.store(out_refs[i], g.astype(out_refs[i].dtype), mask, launch)
 

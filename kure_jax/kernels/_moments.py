@@ -17,7 +17,10 @@ whose variance is at rounding level (``var <= (16 eps max|W|)^2``) has kurtosis 
 
 Sums are accumulated in float32 per block and merged exactly in float32 (see
 :func:`kure_jax.kernels._moment_kernels.merge`); results agree with ``kure_jax.kurtosis`` to about
-``1e-6`` relative, not bit for bit.
+``1e-6`` relative, not bit for bit. Powers are taken of values divided by a block's (then the
+tensor's) largest centred magnitude, so kurtosis and its gradient are finite and exact at any
+scale of the weights (std 1e-30 to 1e30); the raw moments of :func:`tensor_moments` are float32
+values and leave float32's range where ``std^k`` does.
 """
 
 from __future__ import annotations
@@ -99,8 +102,8 @@ def tensor_moments(
     if impl == "pallas" and _kernel_applies(tensors, strict):
         spec = _spec(tensors, 0, platform, interpret, block_size)
         stats, shifts = mk.block_stats(spec.seg, tensors, spec.launch)
-        mean, *rest = mk.merge(spec.seg, stats, shifts)
-        return Moments(mean + shifts, *rest)
+        mean, m2, m3, m4, absmax, scale = mk.merge(spec.seg, stats, shifts)
+        return Moments(mean + shifts, m2 * scale**2, m3 * scale**3, m4 * scale**4, absmax)
     stats = []
     for t in tensors:
         x = t.astype(jnp.promote_types(t.dtype, jnp.float32)).reshape(-1)
@@ -243,16 +246,20 @@ def _spec(tensors, ddof, platform, interpret, block_size) -> _Spec:
 
 def _kurtosis_and_coefs(spec: _Spec, tensors):
     stats, shifts = mk.block_stats(spec.seg, tensors, spec.launch)
-    mean, m2, m3, m4, absmax = mk.merge(spec.seg, stats, shifts)
+    # Moments in units of each tensor's scale A (merge): kurtosis and the gradient's
+    # coefficients stay in float32 range at any scale of the weights.
+    mean, m2, m3, m4, absmax, scale = mk.merge(spec.seg, stats, shifts)
+    inv_scale = 1.0 / jnp.where(scale > 0, scale, 1.0)
     n = jnp.asarray(np.asarray(spec.seg.sizes, np.float32))
     var = m2 * n / (n - spec.ddof)
     # kure_jax.kurtosis's rule: a variance at rounding level means a constant tensor.
-    degenerate = var <= (16 * jnp.finfo(jnp.float32).eps * absmax) ** 2
+    degenerate = var <= (16 * jnp.finfo(jnp.float32).eps * absmax * inv_scale) ** 2
     safe = jnp.where(degenerate, 1.0, var)
     kurt = jnp.where(degenerate, 0.0, m4 / safe**2)
-    a = jnp.where(degenerate, 0.0, 4.0 / (n * safe**2))
-    b = jnp.where(degenerate, 0.0, 4.0 * m4 / ((n - spec.ddof) * safe**3))
-    return kurt, (shifts, mean, m3, a, b)
+    # dK/dw = (1 / A) (a (u^3 - m3) - b u), u = (w - mu) / A: the 1 / A goes into a and b.
+    a = jnp.where(degenerate, 0.0, 4.0 / (n * safe**2)) * inv_scale
+    b = jnp.where(degenerate, 0.0, 4.0 * m4 / ((n - spec.ddof) * safe**3)) * inv_scale
+    return kurt, (shifts, mean, m3, a, b, inv_scale)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -266,8 +273,8 @@ def _kurtosis_fused_fwd(spec, tensors):
 
 
 def _kurtosis_fused_bwd(spec, residuals, ct):
-    tensors, (shifts, mean, m3, a, b) = residuals
-    coefs = jnp.stack([shifts, mean, m3, ct * a, ct * b], axis=1)
+    tensors, (shifts, mean, m3, a, b, inv_scale) = residuals
+    coefs = jnp.stack([shifts, mean, m3, ct * a, ct * b, inv_scale], axis=1)
     return (tuple(mk.gradients(spec.seg, tensors, coefs, spec.launch)),)
 
 
