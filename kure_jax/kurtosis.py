@@ -13,6 +13,7 @@ flatter MSE around its optimal step than a normal (3) or Laplace (6) one:
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from typing import Any, Literal, NamedTuple
 
@@ -43,11 +44,12 @@ __all__ = [
 def _normalise_axis(axis: Axis, ndim: int, what: str = "x") -> tuple[int, ...]:
     if axis is None:
         return tuple(range(ndim))
-    axes = (axis,) if isinstance(axis, int) else tuple(axis)
-    if not axes or any(not isinstance(a, int) or isinstance(a, bool) for a in axes):
+    axes = (axis,) if isinstance(axis, numbers.Integral) else axis
+    if isinstance(axes, str) or not isinstance(axes, Sequence) or not axes or any(
+            not isinstance(a, numbers.Integral) or isinstance(a, bool) for a in axes):
         raise ValueError(f"axis must be None, an int or a non-empty tuple of ints; got {axis!r}.")
     return canonical_axes(
-        axes,
+        tuple(int(a) for a in axes),
         ndim,
         out_of_range=f"axis {axis!r} is out of range for {what} of rank {ndim}.",
         repeated=f"axis {axis!r} repeats an axis of {what}.",
@@ -77,9 +79,10 @@ def kurtosis(x: ArrayLike, axis: Axis = None, *, ddof: int = 0) -> jax.Array:
       float32 (float64 for float64 input) array of ``x``'s shape with ``axis`` removed.
 
     Raises:
-      ValueError: if ``axis`` is out of range, or the reduced size is not larger than
-        ``ddof``.
+      ValueError: if ``axis`` is out of range, ``ddof`` is not an int >= 0, or the reduced size
+        is not larger than ``ddof``.
     """
+    ddof = validate_ddof(ddof)
     x = jnp.asarray(x)
     if not jnp.issubdtype(x.dtype, jnp.floating):
         x = x.astype(jnp.float32)
@@ -107,6 +110,13 @@ def kurtosis(x: ArrayLike, axis: Axis = None, *, ddof: int = 0) -> jax.Array:
     degenerate = variance <= (16 * jnp.finfo(dtype).eps) ** 2
     safe_variance = jnp.where(degenerate, jnp.ones_like(variance), variance)
     return jnp.where(degenerate, jnp.zeros_like(variance), fourth_moment / safe_variance**2)
+
+
+def validate_ddof(ddof: int) -> int:
+    """``ddof`` as an int; ValueError unless it is an integer >= 0 (bools are refused)."""
+    if isinstance(ddof, bool) or not isinstance(ddof, numbers.Integral) or ddof < 0:
+        raise ValueError(f"ddof must be an int >= 0; got {ddof!r}.")
+    return int(ddof)
 
 
 def _leaf_terms(
@@ -242,8 +252,22 @@ def add_penalty(
     ) -> tuple[PyTree, AddPenaltyState]:
         if params is None:
             raise ValueError("add_penalty needs params: call tx.update(grads, state, params).")
-        penalty_grads = jax.grad(penalty_of)(params)
-        updates = jax.tree.map(lambda u, g: u + coeff * g.astype(u.dtype), updates, penalty_grads)
+        # Differentiate only the float leaves: params may hold integer leaves (step counters).
+        leaves, treedef = jax.tree.flatten(params)
+        is_float = [jnp.issubdtype(jnp.result_type(leaf), jnp.inexact) for leaf in leaves]
+
+        def of_floats(floats: list[jax.Array]) -> jax.Array:
+            it = iter(floats)
+            merged = [next(it) if f else leaf for leaf, f in zip(leaves, is_float, strict=True)]
+            return penalty_of(jax.tree.unflatten(treedef, merged))
+
+        floats = [x for x, f in zip(leaves, is_float, strict=True) if f]
+        float_grads = iter(jax.grad(of_floats)(floats))
+        penalty_grads = jax.tree.unflatten(
+            treedef, [next(float_grads) if f else None for f in is_float])
+        updates = jax.tree.map(
+            lambda u, g: u if g is None else u + coeff * g.astype(u.dtype), updates,
+            penalty_grads, is_leaf=lambda x: x is None)
         return updates, state
 
     return optax.GradientTransformation(init_fn, update_fn)

@@ -337,9 +337,9 @@ def compute_step(
         ratio = jnp.asarray(step_ratio, scale.dtype)
         if ratio.ndim != 0:
             raise ValueError(f"step_ratio must be a scalar; got shape {ratio.shape}.")
-        if not isinstance(ratio, jax.core.Tracer) and not bool(ratio > 0):
+        if not isinstance(ratio, jax.core.Tracer) and not bool((ratio > 0) & jnp.isfinite(ratio)):
             # Only concrete ratios can be checked; under jit/vmap the value is unknown.
-            raise ValueError(f"step_ratio must be > 0; got {ratio!r}.")
+            raise ValueError(f"step_ratio must be finite and > 0; got {ratio!r}.")
         scale = scale * ratio
     tiny = jnp.finfo(scale.dtype).tiny
     if policy.pow2_step:

@@ -55,7 +55,7 @@ def dorefa_weight(w: ArrayLike, *, bits: int) -> jax.Array:
       ValueError: for invalid ``bits``.
 
     >>> dorefa_weight(jnp.array([-2.0, 0.1, 2.0]), bits=2)
-    Array([-1.        ,  0.33333337,  1.        ], dtype=float32)
+    Array([-1.        ,  0.33333334,  1.        ], dtype=float32)
     """
     n = 2 ** validate_bits(bits) - 1
     w, out_dtype = _as_compute(w)
@@ -63,7 +63,8 @@ def dorefa_weight(w: ArrayLike, *, bits: int) -> jax.Array:
     m = jnp.max(jnp.abs(t))
     m = jnp.where(m > 0, m, 1.0)
     u = t / (2.0 * m) + 0.5
-    return (2.0 * _round_ste(n * u) / n - 1.0).astype(out_dtype)
+    # (2k - n) / n, not 2k / n - 1: exact at the ends (k = 0, n), so |y| <= 1 also under jit.
+    return ((2.0 * _round_ste(n * u) - n) / n).astype(out_dtype)
 
 
 def dorefa_activation(x: ArrayLike, *, bits: int) -> jax.Array:

@@ -243,12 +243,14 @@ def _check_broadcastable(name: str, shape: tuple[int, ...], x_shape: tuple[int, 
 
 
 def _check_positive(name: str, value: jax.Array) -> None:
-    """Raises ValueError if a concrete ``value`` has an entry that is not > 0; tracers pass."""
+    """Raises ValueError if a concrete ``value`` has an entry that is not finite and > 0
+    (an infinite step makes every output NaN); tracers pass."""
     if isinstance(value, jax.core.Tracer):
         return  # Under jit/vmap the values are unknown at trace time.
     host = np.asarray(value)
-    if not np.all(host > 0):
-        raise ValueError(f"{name} must be > 0 everywhere; got minimum {np.min(host)!r}.")
+    bad = host[~(np.isfinite(host) & (host > 0))]
+    if bad.size:
+        raise ValueError(f"{name} must be finite and > 0 everywhere; got {bad.flat[0]!r}.")
 
 
 def _sum_to_shape(t: jax.Array, shape: tuple[int, ...]) -> jax.Array:

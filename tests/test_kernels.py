@@ -481,3 +481,13 @@ def test_invalid_arguments_raise():
         kernels.tensor_moments([], **PALLAS)
     with pytest.raises(ValueError, match="ddof"):
         kernels.kurtosis_many([jnp.ones(1)], ddof=1, **PALLAS)
+    with pytest.raises(ValueError, match="ddof must be an int >= 0"):
+        kernels.kurtosis_many([x], ddof=-1, **PALLAS)
+    with pytest.raises(ValueError, match="finite and > 0"):
+        kernels.fake_quant(x, np.inf, bits=4, **PALLAS)
+    # A lone array would be taken as the sequence of its rows, a dict as its keys.
+    for not_a_list in (x, {"a": x}):
+        with pytest.raises(TypeError, match="list or tuple of arrays"):
+            kernels.kurtosis_many(not_a_list, **PALLAS)
+    np.testing.assert_allclose(kernels.kurtosis_many((x,), ddof=np.int64(1), **PALLAS),
+                               kure_jax.kurtosis(x, ddof=1)[None], rtol=1e-6)

@@ -142,7 +142,22 @@ def test_penalty_gradient_finite_with_a_dead_channel():
                                rtol=1e-6)
 
 
-@pytest.mark.parametrize("axis", [5, -5, (0, 0), (), "1"])
+@pytest.mark.parametrize("ddof", [-1, 2.5, True, "1"])
+def test_kurtosis_bad_ddof_raises(ddof):
+    with pytest.raises(ValueError, match="ddof must be an int >= 0"):
+        kurtosis(jnp.ones((4, 5)), ddof=ddof)
+    with pytest.raises(ValueError, match="ddof must be an int >= 0"):
+        penalty({"kernel": jnp.ones((4, 5))}, ddof=ddof)
+
+
+def test_kurtosis_takes_numpy_integers():
+    x = np.random.default_rng(10).normal(size=(4, 6)).astype(np.float32)
+    np.testing.assert_array_equal(kurtosis(x, axis=np.int64(0), ddof=np.int64(1)),
+                                  kurtosis(x, axis=0, ddof=1))
+    np.testing.assert_array_equal(kurtosis(x, axis=(np.int32(0), 1)), kurtosis(x))
+
+
+@pytest.mark.parametrize("axis", [5, -5, (0, 0), (), "1", 1.0])
 def test_kurtosis_bad_axis_raises(axis):
     with pytest.raises(ValueError, match="axis"):
         kurtosis(jnp.ones((2, 3, 4, 5)), axis)
@@ -255,6 +270,19 @@ def test_add_penalty_equals_penalty_in_the_loss(coeff):
     # rtol: jit (chained) vs eager (reference) rounding of the same float32 gradient.
     close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8)
     jax.tree.map(close, updates, expected)
+
+
+def test_add_penalty_leaves_integer_leaves_alone():
+    # e.g. a step counter stored with the params: only float leaves are differentiated.
+    params = {"params": jax.tree.map(jnp.asarray, make_params()["params"]),
+              "step": jnp.array(3)}
+    tx = add_penalty(1.0)
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    updates, _ = jax.jit(tx.update)(zeros, tx.init(params), params)
+    assert updates["step"] == 0 and updates["step"].dtype == jnp.int32
+    expected = jax.grad(penalty)(params["params"])
+    close = lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5 * np.abs(b).max(), rtol=0)
+    jax.tree.map(close, updates["params"], expected)  # jit vs eager rounding
 
 
 def test_add_penalty_requires_params():

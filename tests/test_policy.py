@@ -328,6 +328,8 @@ def test_step_ratio_errors():
         compute_step(x, QuantPolicy(), step_ratio=jnp.ones(2))
     with pytest.raises(ValueError, match="step_ratio"):
         compute_step(x, QuantPolicy(), step_ratio=0.0)
+    with pytest.raises(ValueError, match="step_ratio must be finite"):  # inf: all-NaN output
+        compute_step(x, QuantPolicy(), step_ratio=np.inf)
 
 
 @pytest.mark.parametrize("clip", ["max", "mse"])

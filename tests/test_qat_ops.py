@@ -48,6 +48,7 @@ def test_dorefa_weight_matches_numpy(bits, dtype, use_jit):
     tol = 1e-6 if dtype == jnp.float32 else 1e-2  # bfloat16 has 8 significant bits
     np.testing.assert_allclose(got[~near_tie], expected[~near_tie], atol=tol)
     assert np.all(np.abs(got - expected) <= 2 / n + tol)
+    assert np.abs(got).max() <= 1.0  # exactly: the extreme codes are -1 and 1, also under jit
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
@@ -238,7 +239,7 @@ def test_bad_bits_raise(bad):
         learned_clip_quant(jnp.ones(3), 1.0, bits=bad)
 
 
-@pytest.mark.parametrize("alpha", [0.0, -1.0, np.array([1.0, 0.0, 2.0])])
+@pytest.mark.parametrize("alpha", [0.0, -1.0, np.array([1.0, 0.0, 2.0]), np.inf])
 def test_nonpositive_alpha_raises(alpha):
     with pytest.raises(ValueError, match="> 0"):
         learned_clip_quant(jnp.ones(3), alpha, bits=4)

@@ -128,7 +128,7 @@ def test_stochastic_without_key_raises():
 
 
 @pytest.mark.parametrize(
-    "scale", [0.0, -0.1, np.array([0.1, 0.0, 0.2]), np.array([0.1, -1.0, 0.2]), np.nan]
+    "scale", [0.0, -0.1, np.array([0.1, 0.0, 0.2]), np.array([0.1, -1.0, 0.2]), np.nan, np.inf]
 )
 def test_nonpositive_scale_raises(scale):
     with pytest.raises(ValueError, match="> 0"):

@@ -35,7 +35,6 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.typing import ArrayLike
 
 from kure_jax import policy as policy_lib
@@ -43,6 +42,7 @@ from kure_jax import quant
 from kure_jax.kernels import _config, _layout
 from kure_jax.kernels import _quant_kernels as qk
 from kure_jax.kernels._ops import key_words
+from kure_jax.quant import _check_positive
 
 __all__ = ["absmax_fake_quant", "fake_quant"]
 
@@ -246,14 +246,6 @@ def _check_scale(scale: jax.Array, shape: tuple[int, ...]) -> None:
             "1 on every axis except the channel axes)."
         )
     _check_positive("scale", scale)
-
-
-def _check_positive(name: str, value: jax.Array) -> None:
-    if isinstance(value, jax.core.Tracer):
-        return  # Under jit/vmap the values are unknown while tracing.
-    host = np.asarray(value)
-    if not np.all(host > 0):
-        raise ValueError(f"{name} must be > 0 everywhere; got minimum {np.min(host)!r}.")
 
 
 def _auto_takes_kernel(x: jax.Array, rounding: str) -> bool:

@@ -36,7 +36,13 @@ from jax.typing import ArrayLike
 
 from kure_jax.kernels import _config
 from kure_jax.kernels import _moment_kernels as mk
-from kure_jax.kurtosis import REDUCTIONS, UNIFORM_KURTOSIS, kurtosis, reduce_penalty_terms
+from kure_jax.kurtosis import (
+    REDUCTIONS,
+    UNIFORM_KURTOSIS,
+    kurtosis,
+    reduce_penalty_terms,
+    validate_ddof,
+)
 from kure_jax.kurtosis import penalty as core_penalty
 from kure_jax.selection import LeafPredicate, select
 
@@ -94,6 +100,7 @@ def tensor_moments(
       :class:`Moments`.
 
     Raises:
+      TypeError: if ``tensors`` is not a list or tuple (e.g. a single array).
       ValueError: for an empty sequence, an empty tensor, an invalid ``impl``/``platform``/
         ``block_size``, or (``impl="pallas"``) an unsupported dtype.
     """
@@ -138,11 +145,11 @@ def kurtosis_many(
       float32 array of shape ``(len(tensors),)``.
 
     Raises:
-      ValueError: as :func:`tensor_moments`, or if a tensor has no more than ``ddof`` elements.
+      TypeError, ValueError: as :func:`tensor_moments`, or (ValueError) for a ``ddof`` that is not
+        an int >= 0 or a tensor with no more than ``ddof`` elements.
     """
     tensors = _as_tensors(tensors)
-    if isinstance(ddof, bool) or not isinstance(ddof, int) or ddof < 0:
-        raise ValueError(f"ddof must be an int >= 0; got {ddof!r}.")
+    ddof = validate_ddof(ddof)
     small = [t.shape for t in tensors if t.size <= ddof]
     if small:
         raise ValueError(f"kurtosis needs > ddof={ddof} elements per tensor; got shapes {small}.")
@@ -209,6 +216,12 @@ def penalty(
 
 
 def _as_tensors(tensors: Sequence[ArrayLike]) -> list[jax.Array]:
+    # A lone array is a sequence of its rows to Python; a dict iterates over its keys.
+    if not isinstance(tensors, Sequence) or isinstance(tensors, str):
+        raise TypeError(
+            f"expected a list or tuple of arrays; got {type(tensors).__name__} (wrap a single "
+            "array in a list; for a pytree use kernels.penalty or jax.tree.leaves)."
+        )
     tensors = [jnp.asarray(t) for t in tensors]
     if not tensors:
         raise ValueError("expected a non-empty sequence of arrays; got none.")
