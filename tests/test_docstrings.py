@@ -1,0 +1,17 @@
+"""The examples in the public modules' docstrings run and print what they show."""
+
+import doctest
+import importlib
+
+import pytest
+
+MODULES = ["kure_jax.kernels", "kure_jax.kurtosis", "kure_jax.policy", "kure_jax.ptq",
+           "kure_jax.qat", "kure_jax.qat_ops", "kure_jax.quant", "kure_jax.selection",
+           "kure_jax.theory"]
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_docstring_examples(name):
+    result = doctest.testmod(importlib.import_module(name),
+                             optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.failed == 0, f"{result.failed} of {result.attempted} examples failed"
