@@ -198,16 +198,24 @@ def _normalise_axis(axis: object) -> tuple[int, ...] | None:
     return ints
 
 
-def _kept_axes(axis: tuple[int, ...] | None, ndim: int) -> tuple[int, ...]:
-    """Non-negative channel axes of a rank-``ndim`` tensor; ValueError if out of range."""
+def check_policy(policy: QuantPolicy) -> None:
+    """Raises ValueError unless ``policy`` is a ``QuantPolicy`` (a dict would fail obscurely)."""
+    if not isinstance(policy, QuantPolicy):
+        raise ValueError(f"policy must be a QuantPolicy; got {type(policy).__name__}: {policy!r}.")
+
+
+def kept_axes(axis: tuple[int, ...] | None, ndim: int) -> tuple[int, ...]:
+    """Non-negative channel axes of a rank-``ndim`` tensor; ValueError if out of range or
+    repeated."""
     if axis is None:
         return ()
+    allowed = (f"allowed axes are -{ndim}..{ndim - 1}" if ndim else "a scalar has no axes")
     return canonical_axes(
         axis,
         ndim,
         out_of_range=(
-            f"QuantPolicy.axis={axis} is out of range for a tensor of rank {ndim}; allowed axes "
-            f"are -{ndim}..{ndim - 1} (or axis=None for per-tensor)."
+            f"QuantPolicy.axis={axis} is out of range for a tensor of rank {ndim}; {allowed} "
+            "(or axis=None for per-tensor)."
         ),
         repeated=f"QuantPolicy.axis={axis} names the same axis twice for rank {ndim}.",
     )
@@ -316,17 +324,21 @@ def compute_step(
       so both broadcast against ``x``. ``scale >= finfo.tiny > 0``; ``zero_point`` holds integers.
 
     Raises:
-      ValueError: if ``x`` is not floating, ``policy.axis`` is out of range for ``x.ndim``, or
-        ``step_ratio`` is not a scalar or is concretely <= 0.
+      ValueError: if ``policy`` is not a ``QuantPolicy``, ``x`` is not floating or empty,
+        ``policy.axis`` is out of range for ``x.ndim`` (or repeats an axis), or ``step_ratio``
+        is not a scalar or is concretely not finite and > 0.
 
     >>> compute_step(jnp.array([-1.0, 0.5, 0.7]), QuantPolicy(bits=3))
     (Array(0.33333334, dtype=float32), Array(0., dtype=float32))
     """
+    check_policy(policy)
     x = jnp.asarray(x)
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise ValueError(f"compute_step needs a floating array; got dtype {x.dtype}.")
+    if x.size == 0:
+        raise ValueError(f"compute_step needs a non-empty array; got shape {x.shape}.")
     x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
-    kept = _kept_axes(policy.axis, x.ndim)
+    kept = kept_axes(policy.axis, x.ndim)
     reduce = tuple(i for i in range(x.ndim) if i not in kept)
     lo, hi = _clip_range(x, policy, reduce)
     scale, zero_point = _range_to_step(lo, hi, policy)
@@ -350,7 +362,7 @@ def compute_step(
 def _bias_correct(x: jax.Array, q: jax.Array, policy: QuantPolicy) -> jax.Array:
     """Shifts each output channel of ``q`` so that its mean equals that of ``x``."""
     if policy.axis is not None:
-        kept = _kept_axes(policy.axis, x.ndim)
+        kept = kept_axes(policy.axis, x.ndim)
     else:
         kept = (x.ndim - 1,) if x.ndim >= 2 else ()
     reduce = tuple(i for i in range(x.ndim) if i not in kept)
@@ -389,6 +401,7 @@ def quantize(
     >>> quantize(jnp.array([-1.0, 0.2, 0.7]), QuantPolicy(bits=3))
     Array([-1.        ,  0.33333334,  0.6666667 ], dtype=float32)
     """
+    check_policy(policy)
     x = jnp.asarray(x)
     if policy.rounding == "stochastic" and key is None:
         raise ValueError(

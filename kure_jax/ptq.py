@@ -8,7 +8,7 @@ import jax
 from jax.typing import ArrayLike
 
 from kure_jax import selection
-from kure_jax.policy import QuantPolicy, quantize
+from kure_jax.policy import QuantPolicy, check_policy, kept_axes, quantize
 
 PyTree = Any
 
@@ -51,8 +51,7 @@ def quantize_params(
       ValueError: if the selection matches nothing, stochastic rounding has no ``key``, or a
         selected leaf is not floating or has no axis ``policy.axis`` (the message names the leaf).
     """
-    if not isinstance(policy, QuantPolicy):
-        raise ValueError(f"policy must be a QuantPolicy; got {type(policy).__name__}: {policy!r}.")
+    check_policy(policy)
     if policy.rounding == "stochastic" and key is None:
         raise ValueError(
             "QuantPolicy(rounding='stochastic') needs key=jax.random.key(...) in quantize_params."
@@ -83,3 +82,9 @@ def _check_leaf(name: str, leaf: Any, policy: QuantPolicy) -> None:
             f"{tuple(leaf.shape)}; choose axes in -{ndim}..{ndim - 1}, axis=None, or narrow the "
             "selection with where=."
         )
+    try:
+        kept_axes(policy.axis, ndim)
+    except ValueError as err:
+        raise ValueError(f"Selected leaf {name!r} of shape {tuple(leaf.shape)}: {err}") from None
+    if 0 in leaf.shape:
+        raise ValueError(f"Selected leaf {name!r} is empty (shape {tuple(leaf.shape)}).")

@@ -189,6 +189,11 @@ class QATConfig:
         return "float" if not self.quantizes else f"{w}/{a}"
 
 
+def _check_qat(qat: QATConfig) -> None:
+    if not isinstance(qat, QATConfig):
+        raise ValueError(f"qat must be a QATConfig; got {type(qat).__name__}: {qat!r}.")
+
+
 def quantized_init(
     model: nn.Module,
     rngs: jax.Array | Mapping[str, jax.Array],
@@ -218,6 +223,7 @@ def quantized_init(
         traced: their sign must be concrete, so run ``quantized_init`` outside ``jit``) or all
         zero (a dummy ``jnp.zeros`` batch gives no step size).
     """
+    _check_qat(qat)
     if not qat.quantizes:
         variables = dict(model.init(rngs, *args, **kwargs))
     else:
@@ -260,6 +266,7 @@ def quantized_apply(
       ValueError: if ``qat`` needs learned quantizer state that ``variables["quant"]`` lacks
         (the message names the layer and variable).
     """
+    _check_qat(qat)
     if not qat.quantizes:
         return model.apply(variables, *args, **kwargs)
     if qat.has_learned_state and QUANT_COLLECTION not in variables and not _mutable_quant(kwargs):
@@ -305,6 +312,7 @@ def init_quant_from_params(
     """
     if "mutable" in kwargs:
         raise ValueError("init_quant_from_params sets `mutable` itself; do not pass it.")
+    _check_qat(qat)
     if not qat.has_learned_state:
         return {}
     float_vars = {k: v for k, v in variables.items() if k != QUANT_COLLECTION}

@@ -52,13 +52,15 @@ def dorefa_weight(w: ArrayLike, *, bits: int) -> jax.Array:
       Array of ``w``'s shape and dtype with values in [-1, 1].
 
     Raises:
-      ValueError: for invalid ``bits``.
+      ValueError: for invalid ``bits`` or an empty ``w``.
 
     >>> dorefa_weight(jnp.array([-2.0, 0.1, 2.0]), bits=2)
     Array([-1.        ,  0.33333334,  1.        ], dtype=float32)
     """
     n = 2 ** validate_bits(bits) - 1
     w, out_dtype = _as_compute(w)
+    if w.size == 0:
+        raise ValueError(f"dorefa_weight needs a non-empty array; got shape {w.shape}.")
     t = jnp.tanh(w)
     m = jnp.max(jnp.abs(t))
     m = jnp.where(m > 0, m, 1.0)

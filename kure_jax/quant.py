@@ -51,6 +51,25 @@ def validate_bits(bits: int) -> int:
     return int(bits)
 
 
+def validate_flag(name: str, value: bool) -> bool:
+    """Returns ``value`` as a ``bool`` after checking that it is one (NumPy bools included).
+
+    Raises:
+      ValueError: if ``value`` is not a bool (e.g. ``0``, ``2`` or ``"no"``).
+    """
+    if not isinstance(value, bool | np.bool_):
+        raise ValueError(f"{name} must be True or False; got {value!r}.")
+    return bool(value)
+
+
+def check_key(key: jax.Array) -> None:
+    """Raises ValueError unless ``key`` is a JAX PRNG key (typed, or a raw ``uint32[2]``)."""
+    typed = isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
+    raw = isinstance(key, jax.Array) and key.dtype == jnp.uint32 and key.shape[-1:] == (2,)
+    if not (typed or raw):
+        raise ValueError(f"key must be a PRNG key, e.g. jax.random.key(0); got {key!r}.")
+
+
 def validate_rounding(rounding: str) -> str:
     """Returns ``rounding`` after checking that it is one of ``ROUNDING_MODES``.
 
@@ -79,9 +98,11 @@ def integer_range(bits: int, signed: bool = True, *, narrow_range: bool = False)
     ((-8, 7), (-7, 7), (0, 15))
 
     Raises:
-      ValueError: if ``bits`` is invalid (see ``validate_bits``).
+      ValueError: if ``bits`` is invalid (see ``validate_bits``) or a flag is not a bool.
     """
     bits = validate_bits(bits)
+    signed = validate_flag("signed", signed)
+    narrow_range = validate_flag("narrow_range", narrow_range)
     if signed:
         half = 2 ** (bits - 1)
         return (-half + 1 if narrow_range else -half), half - 1
@@ -221,10 +242,16 @@ def lsq_init_scale(
       an all-zero ``x`` still yields a valid (positive) step.
 
     Raises:
-      ValueError: for invalid ``bits``.
+      ValueError: for invalid ``bits``, an empty ``x`` or an ``axis`` out of range.
     """
     _, qmax = integer_range(bits, signed)
     x = jnp.asarray(x)
+    if x.size == 0:
+        raise ValueError(f"lsq_init_scale needs a non-empty array; got shape {x.shape}.")
+    if axis is not None:
+        axes = (axis,) if isinstance(axis, int | np.integer) else tuple(axis)
+        if any(not -x.ndim <= a < x.ndim for a in axes):
+            raise ValueError(f"axis={axis!r} is out of range for an array of rank {x.ndim}.")
     dtype = jnp.promote_types(x.dtype, jnp.float32)
     mean_abs = jnp.mean(jnp.abs(x.astype(dtype)), axis=axis, keepdims=axis is not None)
     return jnp.maximum(2.0 * mean_abs / math.sqrt(qmax), jnp.finfo(dtype).tiny)
@@ -271,6 +298,7 @@ def _uniform_noise(
             "rounding='stochastic' needs a PRNG key (key=jax.random.key(...)); the deterministic "
             f"modes are {tuple(m for m in ROUNDING_MODES if m != 'stochastic')}."
         )
+    check_key(key)
     # At least float32 so that bfloat16 inputs still get fine-grained probabilities.
     return jax.random.uniform(key, shape, jnp.promote_types(dtype, jnp.float32))
 

@@ -148,6 +148,8 @@ def _check_bits(bits: int) -> int:
 
 
 def _check_positive(name: str, value: float) -> float:
+    if isinstance(value, bool | str):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}.")
     value = float(value)
     if not (math.isfinite(value) and value > 0):
         raise ValueError(f"{name} must be a finite number > 0, got {value}.")

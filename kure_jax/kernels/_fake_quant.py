@@ -117,6 +117,8 @@ def fake_quant(
         return quant.fake_quant(x, scale, bits=bits, signed=signed, narrow_range=narrow_range,
                                 rounding=rounding, lsq_grad_scale=lsq_grad_scale)
     grad_factor = 1.0 / math.sqrt(max(x.size // scale.size, 1) * qmax) if lsq_grad_scale else 1.0
+    if rounding == "stochastic":
+        quant.check_key(key)
     words = key_words(key) if rounding == "stochastic" else None
     if impl == "jnp":  # Stochastic: the kernel's hash noise, on the original shape.
         spec = qk.Spec(qmin, qmax, rounding, grad_factor, "jnp")
@@ -124,7 +126,7 @@ def fake_quant(
         x = x if jnp.issubdtype(x.dtype, jnp.floating) else x.astype(dtype)
         return _fake_quant(spec, x, scale.astype(dtype), words)
     block = (_layout.default_block(view, launch) if block_shape is None
-             else _layout.check_block(tuple(block_shape), view, launch))
+             else _layout.check_block(block_shape, view, launch))
     spec = qk.Spec(qmin, qmax, rounding, grad_factor, "pallas", view, block, launch)
     s2 = scale.astype(jnp.float32).reshape(view.scale_shape)
     y2 = _fake_quant(spec, x.reshape(view.rows, view.cols), s2, words)
@@ -190,7 +192,7 @@ def absmax_fake_quant(
     x = jnp.asarray(x)
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise ValueError(f"absmax_fake_quant needs a floating array; got dtype {x.dtype}.")
-    kept = _kept_axes(policy.axis, x.ndim)
+    kept = policy_lib.kept_axes(policy.axis, x.ndim)
     view = _layout.view_for_kept_axes(x.shape, kept)
     if impl == "pallas" and not _takes_kernel(x, view, rounding, strict):
         impl = "jnp"
@@ -205,7 +207,7 @@ def absmax_fake_quant(
     else:
         launch = _config.launch(platform, interpret)
         block = (_layout.default_block(view, launch) if block_shape is None
-                 else _layout.check_block(tuple(block_shape), view, launch))
+                 else _layout.check_block(block_shape, view, launch))
         spec = qk.Spec(0, 0, "nearest", 1.0, "pallas", view, block, launch)
         amax = qk.absmax(spec, xs.reshape(view.rows, view.cols))
     # policy.compute_step's arithmetic, operation for operation, so the steps agree exactly.
@@ -222,17 +224,6 @@ def absmax_fake_quant(
     return fake_quant(x, scale, bits=bits, signed=signed, narrow_range=narrow, rounding=rounding,
                       key=key, impl=impl, platform=platform, interpret=interpret,
                       block_shape=block_shape)
-
-
-def _kept_axes(axis: tuple[int, ...] | None, ndim: int) -> tuple[int, ...]:
-    if axis is None:
-        return ()
-    if any(not -ndim <= a < ndim for a in axis):
-        raise ValueError(
-            f"axis={axis} is out of range for a tensor of rank {ndim}; allowed axes are "
-            f"-{ndim}..{ndim - 1} (or None for one step per tensor)."
-        )
-    return tuple(sorted({a % ndim for a in axis}))
 
 
 def _check_scale(scale: jax.Array, shape: tuple[int, ...]) -> None:
