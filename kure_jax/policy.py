@@ -324,7 +324,8 @@ def compute_step(
       so both broadcast against ``x``. ``scale >= finfo.tiny > 0``; ``zero_point`` holds integers.
 
     Raises:
-      ValueError: if ``policy`` is not a ``QuantPolicy``, ``x`` is not floating or empty,
+      ValueError: if ``policy`` is not a ``QuantPolicy``, ``x`` is not floating, empty or
+        (when concrete) not finite,
         ``policy.axis`` is out of range for ``x.ndim`` (or repeats an axis), or ``step_ratio``
         is not a scalar or is concretely not finite and > 0.
 
@@ -337,6 +338,11 @@ def compute_step(
         raise ValueError(f"compute_step needs a floating array; got dtype {x.dtype}.")
     if x.size == 0:
         raise ValueError(f"compute_step needs a non-empty array; got shape {x.shape}.")
+    if not isinstance(x, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(x))):
+        # Otherwise the NaN/inf reaches the step and is reported as a bad scale (or, under
+        # jit, silently turns every output into NaN).
+        raise ValueError(f"compute_step needs finite values; x has "
+                         f"{int(jnp.sum(~jnp.isfinite(x)))} NaN/inf entries.")
     x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
     kept = kept_axes(policy.axis, x.ndim)
     reduce = tuple(i for i in range(x.ndim) if i not in kept)

@@ -199,8 +199,9 @@ def fake_quant(
 
     Raises:
       ValueError: for invalid ``bits`` or ``rounding``, ``"stochastic"`` without ``key``,
-        ``scale``/``zero_point`` shapes that do not broadcast to ``x.shape``, or a concrete
-        ``scale`` with an entry <= 0 (or NaN). Inside ``jit``/``vmap`` the sign is not checked.
+        ``scale``/``zero_point`` shapes that do not broadcast to ``x.shape``, a concrete
+        ``scale`` with an entry that is not finite and > 0, or a concrete non-finite
+        ``zero_point``. Inside ``jit``/``vmap`` the values are not checked.
 
     >>> fake_quant(jnp.array([0.26, -1.0, 3.0]), 0.5, bits=3)
     Array([ 0.5, -1. ,  1.5], dtype=float32)
@@ -216,6 +217,8 @@ def fake_quant(
     _check_broadcastable("scale", scale.shape, x.shape)
     _check_broadcastable("zero_point", zero_point.shape, x.shape)
     _check_positive("scale", scale)
+    if not isinstance(zero_point, jax.core.Tracer) and not np.all(np.isfinite(zero_point)):
+        raise ValueError(f"zero_point must be finite; got {zero_point!r}.")
     noise = _uniform_noise(key, x.shape, dtype, rounding)
     grad_factor = 1.0
     if lsq_grad_scale:

@@ -56,6 +56,13 @@ CASES = {
     "axis out of range, LSQ init": (lambda: kure_jax.lsq_init_scale(jnp.ones((2, 3)), bits=4,
                                                                     axis=5),
                                     "out of range"),
+    "NaN in x, PTQ": (lambda: kure_jax.quantize(jnp.array([jnp.nan, 1.0]), kure_jax.QuantPolicy()),
+                      "needs finite values; x has 1 NaN/inf"),
+    "inf in x, PTQ": (lambda: kure_jax.quantize(jnp.array([jnp.inf, 1.0, 0.5]),
+                                                kure_jax.QuantPolicy()),
+                      "needs finite values"),
+    "NaN zero point": (lambda: kure_jax.fake_quant(X, 0.5, bits=4, zero_point=jnp.nan),
+                       "zero_point must be finite"),
 }
 
 
