@@ -128,6 +128,24 @@ def _penalty_ops():
         yield name, "copy (all params)", "xla", lambda p: jax.tree.map(jnp.negative, p), params
         yield name, "penalty+grad", "jnp", jax.value_and_grad(kure_jax.penalty), params
         yield name, "penalty+grad", "pallas", jax.value_and_grad(pallas), params
+        yield name, "penalty+grad, masked merge", "pallas", _masked_merge(
+            jax.value_and_grad(pallas)), params
+
+
+def _masked_merge(fn):
+    """``fn`` traced with the penalty's per-tensor merge done by masked reductions instead of
+    scatters (``_moment_kernels.merge(reduce="masked")``): the A/B of the merge's cost."""
+    from kure_jax.kernels import _moment_kernels as mk
+
+    def traced(*args):
+        original = mk.merge
+        mk.merge = functools.partial(original, reduce="masked")
+        try:
+            return fn(*args)
+        finally:
+            mk.merge = original
+
+    return traced
 
 
 def _penalty_rows():

@@ -3,7 +3,8 @@
 #  0. The penalty kernels compile and match the jnp path (gpu_check.py --checks penalty; they
 #     changed on 2026-12-01 to work in units of each tensor's scale), also for weights x 1e-8.
 #  1. Device time of the KURE penalty + gradient over ResNet-18/50 params vs one copy of them,
-#     with the time of each kernel (the profile: Pallas kernels vs the XLA merge between them),
+#     with the time of each kernel (the profile: Pallas kernels vs the XLA merge between them)
+#     and the A/B of that merge (scatters vs masked reductions, rows "masked merge"),
 #     read from jax.profiler's trace (kernel_times.py --trace; under ncu this profile died with
 #     a segmentation fault twice), with the fake-quant rows at 16M/64M for comparison.
 #  2. The same penalty profile under ncu with XLA's command buffers (CUDA graphs) turned off,
@@ -12,8 +13,8 @@
 #  4. The library train step after it stopped computing the logged kurtosis twice, and QAT
 #     steps with the fused fake-quant kernels (QATConfig.kernel_impl="pallas") vs XLA's fusions.
 # Prepared like run_gpu.sh (wheels in .whl/, see its header); device tool:
-#   command="bash benchmarks/run_gpu_followup.sh", carry=[".whl"], timeout_s=500
-# Budget (seconds): check 50 + trace 100 + ncu 90 + throughput 50 + train step 190 = 480 (a
+#   command="bash benchmarks/run_gpu_followup.sh", carry=[".whl"], timeout_s=510
+# Budget (seconds): check 50 + trace 110 + ncu 90 + throughput 50 + train step 190 = 490 (a
 # train-step row took ~20 s on 2026-11-27). At most 8 files land in $OUT (the device tool's
 # limit): gpu_check.json, kernel_times.{log,json}, ncu.tgz, fake_quant_throughput.{log,json},
 # train_step.{log,json}; the trace itself stays in /tmp.
@@ -25,7 +26,7 @@ timeout -k 5 50 "$PY" benchmarks/gpu_check.py --checks penalty --out "$OUT" 2>&1
 echo "# gpu_check (penalty): exit ${PIPESTATUS[0]} after $((SECONDS - start)) s"
 
 start=$SECONDS
-(cd benchmarks && timeout -k 5 100 "$PY" kernel_times.py --trace /tmp/kure_trace --sizes 24,26 \
+(cd benchmarks && timeout -k 5 110 "$PY" kernel_times.py --trace /tmp/kure_trace --sizes 24,26 \
     --penalty --out "$OUT" > "$OUT/kernel_times.log" 2>&1)
 echo "# kernel_times --trace: exit $? after $((SECONDS - start)) s"
 grep -v "^W1\|^I1" "$OUT/kernel_times.log" | tail -80
