@@ -324,10 +324,9 @@ def compute_step(
       so both broadcast against ``x``. ``scale >= finfo.tiny > 0``; ``zero_point`` holds integers.
 
     Raises:
-      ValueError: if ``policy`` is not a ``QuantPolicy``, ``x`` is not floating, empty or
-        (when concrete) not finite,
-        ``policy.axis`` is out of range for ``x.ndim`` (or repeats an axis), or ``step_ratio``
-        is not a scalar or is concretely not finite and > 0.
+      ValueError: if ``policy`` is not a ``QuantPolicy``; ``x`` is not floating, is empty or
+        (when concrete) holds NaN/inf; ``policy.axis`` is out of range for ``x.ndim`` (or
+        repeats an axis); or ``step_ratio`` is not a scalar or is concretely not finite and > 0.
 
     >>> compute_step(jnp.array([-1.0, 0.5, 0.7]), QuantPolicy(bits=3))
     (Array(0.33333334, dtype=float32), Array(0., dtype=float32))
