@@ -252,22 +252,11 @@ def add_penalty(
     ) -> tuple[PyTree, AddPenaltyState]:
         if params is None:
             raise ValueError("add_penalty needs params: call tx.update(grads, state, params).")
-        # Differentiate only the float leaves: params may hold integer leaves (step counters).
-        leaves, treedef = jax.tree.flatten(params)
-        is_float = [jnp.issubdtype(jnp.result_type(leaf), jnp.inexact) for leaf in leaves]
-
-        def of_floats(floats: list[jax.Array]) -> jax.Array:
-            it = iter(floats)
-            merged = [next(it) if f else leaf for leaf, f in zip(leaves, is_float, strict=True)]
-            return penalty_of(jax.tree.unflatten(treedef, merged))
-
-        floats = [x for x, f in zip(leaves, is_float, strict=True) if f]
-        float_grads = iter(jax.grad(of_floats)(floats))
-        penalty_grads = jax.tree.unflatten(
-            treedef, [next(float_grads) if f else None for f in is_float])
+        # params may hold integer leaves (step counters): their gradient is float0, no update.
+        penalty_grads = jax.grad(penalty_of, allow_int=True)(params)
         updates = jax.tree.map(
-            lambda u, g: u if g is None else u + coeff * g.astype(u.dtype), updates,
-            penalty_grads, is_leaf=lambda x: x is None)
+            lambda u, g: u if g.dtype == jax.dtypes.float0 else u + coeff * g.astype(u.dtype),
+            updates, penalty_grads)
         return updates, state
 
     return optax.GradientTransformation(init_fn, update_fn)

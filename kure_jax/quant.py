@@ -30,6 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
+from kure_jax._axes import canonical_axes
+
 ROUNDING_MODES: tuple[str, ...] = ("nearest", "nearest_away", "stochastic", "floor")
 MIN_BITS = 2
 MAX_BITS = 16
@@ -252,9 +254,9 @@ def lsq_init_scale(
     if x.size == 0:
         raise ValueError(f"lsq_init_scale needs a non-empty array; got shape {x.shape}.")
     if axis is not None:
-        axes = (axis,) if isinstance(axis, int | np.integer) else tuple(axis)
-        if any(not -x.ndim <= a < x.ndim for a in axes):
-            raise ValueError(f"axis={axis!r} is out of range for an array of rank {x.ndim}.")
+        canonical_axes((axis,) if isinstance(axis, int | np.integer) else tuple(axis), x.ndim,
+                       out_of_range=f"axis={axis!r} is out of range for an array of rank {x.ndim}.",
+                       repeated=f"axis={axis!r} repeats an axis.")
     dtype = jnp.promote_types(x.dtype, jnp.float32)
     mean_abs = jnp.mean(jnp.abs(x.astype(dtype)), axis=axis, keepdims=axis is not None)
     return jnp.maximum(2.0 * mean_abs / math.sqrt(qmax), jnp.finfo(dtype).tiny)
