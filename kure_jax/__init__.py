@@ -7,6 +7,7 @@ NeurIPS 2020 (arXiv:2002.07686).
 from kure_jax import theory as theory
 from kure_jax.kurtosis import REDUCTIONS as REDUCTIONS
 from kure_jax.kurtosis import UNIFORM_KURTOSIS as UNIFORM_KURTOSIS
+from kure_jax.kurtosis import AddPenaltyState as AddPenaltyState
 from kure_jax.kurtosis import add_penalty as add_penalty
 from kure_jax.kurtosis import kurtosis as kurtosis
 from kure_jax.kurtosis import kurtosis_report as kurtosis_report
@@ -51,6 +52,7 @@ __all__ = [
     "REDUCTIONS",
     "ROUNDING_MODES",
     "UNIFORM_KURTOSIS",
+    "AddPenaltyState",
     "QATConfig",
     "QuantPolicy",
     "add_penalty",

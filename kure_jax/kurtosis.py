@@ -19,6 +19,7 @@ from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.typing import ArrayLike
 
@@ -34,6 +35,7 @@ UNIFORM_KURTOSIS = 1.8
 __all__ = [
     "REDUCTIONS",
     "UNIFORM_KURTOSIS",
+    "AddPenaltyState",
     "add_penalty",
     "kurtosis",
     "kurtosis_report",
@@ -92,7 +94,7 @@ def kurtosis(x: ArrayLike, axis: Axis = None, *, ddof: int = 0) -> jax.Array:
     count = 1
     for a in axes:
         count *= x.shape[a]
-    if count <= ddof:
+    if not isinstance(ddof, jax.Array) and count <= ddof:
         raise ValueError(f"kurtosis needs > ddof={ddof} elements per reduction, got {count}.")
 
     # Kurtosis is scale-free, so the moments are taken of x / max|x|: with the raw values a
@@ -112,8 +114,18 @@ def kurtosis(x: ArrayLike, axis: Axis = None, *, ddof: int = 0) -> jax.Array:
     return jnp.where(degenerate, jnp.zeros_like(variance), fourth_moment / safe_variance**2)
 
 
-def validate_ddof(ddof: int) -> int:
-    """``ddof`` as an int; ValueError unless it is an integer >= 0 (bools are refused)."""
+def validate_ddof(ddof: int | jax.Array) -> int | jax.Array:
+    """``ddof`` as an int; ValueError unless it is an integer >= 0 (bools are refused).
+
+    An integer scalar array is accepted too (``optax.inject_hyperparams`` turns the ``ddof``
+    of :func:`add_penalty` into one): a concrete one is read as an int, a traced one is
+    returned as it is (it only divides the variance) and cannot be range-checked.
+    """
+    if isinstance(ddof, jax.Array | np.ndarray) and not isinstance(ddof, bool):
+        if ddof.ndim == 0 and jnp.issubdtype(ddof.dtype, jnp.integer):
+            if isinstance(ddof, jax.core.Tracer):
+                return ddof
+            ddof = int(ddof)
     if isinstance(ddof, bool) or not isinstance(ddof, numbers.Integral) or ddof < 0:
         raise ValueError(f"ddof must be an int >= 0; got {ddof!r}.")
     return int(ddof)
@@ -205,12 +217,14 @@ def kurtosis_report(
 
 
 class AddPenaltyState(NamedTuple):
-    """``add_penalty`` keeps no state."""
+    """State of :func:`add_penalty` with a scheduled ``coeff``: the number of updates so far."""
+
+    count: jax.Array  # int32 scalar
 
 
 def add_penalty(
-    coeff: float = 1.0,
-    target: float = UNIFORM_KURTOSIS,
+    coeff: float | jax.Array | optax.Schedule = 1.0,
+    target: float | jax.Array = UNIFORM_KURTOSIS,
     *,
     where: LeafPredicate | None = None,
     reduction: Reduction = "mean",
@@ -225,38 +239,70 @@ def add_penalty(
 
     is the same as training on ``loss + 1.0 * kure_jax.penalty(params)`` with SGD.
 
+    ``coeff`` may be a schedule of the update count, like an optax learning rate, e.g. a
+    linear warm-up of lambda: ``add_penalty(optax.linear_schedule(0.0, 1.0, 1000))``.
+    ``coeff`` and ``target`` are also injectable: ``optax.inject_hyperparams(add_penalty)(
+    coeff=0.5)`` keeps them in ``state.hyperparams``. The other options are static;
+    ``inject_hyperparams`` treats every callable as a schedule, so a ``where`` predicate
+    goes in its ``static_args=("where",)``, and a per-channel ``axis`` is given as a
+    tuple (an int axis would become a traced hyperparameter).
+
     Args:
-      coeff: the KURE weight ``lambda``.
-      target: kurtosis target ``K_T``.
+      coeff: the KURE weight ``lambda``: a number, a scalar array or ``step -> lambda``.
+      target: kurtosis target ``K_T`` (a number or a scalar array).
       where, reduction, axis, ddof: the selection and options of :func:`penalty`.
 
     Returns:
-      An ``optax.GradientTransformation`` whose ``update`` requires ``params``.
+      An ``optax.GradientTransformation`` whose ``update`` requires ``params``. Its state is
+      ``optax.EmptyState()`` for a constant ``coeff``, :class:`AddPenaltyState` (the count)
+      for a scheduled one.
 
     Raises:
       ValueError: from ``update`` if ``params`` is not given or the selection matches
-        nothing; here if ``reduction`` is unknown.
+        nothing; here if ``reduction`` is unknown, ``ddof`` is not an integer >= 0 or
+        ``axis`` is a traced array.
     """
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}; got {reduction!r}.")
+    ddof = validate_ddof(ddof)
+    axis = _static_axis(axis)
+    scheduled = callable(coeff)
 
     def penalty_of(params: PyTree) -> jax.Array:
         return penalty(params, target, where=where, reduction=reduction, axis=axis, ddof=ddof)
 
-    def init_fn(params: PyTree) -> AddPenaltyState:
+    def init_fn(params: PyTree) -> AddPenaltyState | optax.EmptyState:
         del params
-        return AddPenaltyState()
+        return AddPenaltyState(jnp.zeros([], jnp.int32)) if scheduled else optax.EmptyState()
 
     def update_fn(
-        updates: PyTree, state: AddPenaltyState, params: PyTree | None = None
-    ) -> tuple[PyTree, AddPenaltyState]:
+        updates: PyTree, state: AddPenaltyState | optax.EmptyState, params: PyTree | None = None
+    ) -> tuple[PyTree, AddPenaltyState | optax.EmptyState]:
         if params is None:
             raise ValueError("add_penalty needs params: call tx.update(grads, state, params).")
+        if scheduled:
+            weight = coeff(state.count)
+            state = AddPenaltyState(optax.safe_int32_increment(state.count))
+        else:
+            weight = coeff
         # params may hold integer leaves (step counters): their gradient is float0, no update.
         penalty_grads = jax.grad(penalty_of, allow_int=True)(params)
         updates = jax.tree.map(
-            lambda u, g: u if g.dtype == jax.dtypes.float0 else u + coeff * g.astype(u.dtype),
+            lambda u, g: u if g.dtype == jax.dtypes.float0 else u + (weight * g).astype(u.dtype),
             updates, penalty_grads)
         return updates, state
 
     return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _static_axis(axis: Axis | jax.Array) -> Axis:
+    """``axis`` as Python ints; a concrete integer array (from ``inject_hyperparams``) is read."""
+    if isinstance(axis, jax.core.Tracer):
+        raise ValueError(
+            "axis is a traced array: optax.inject_hyperparams turns an int argument into a "
+            "hyperparameter; pass a tuple (axis=(0, 1, 2)) or add 'axis' to static_args.")
+    if isinstance(axis, jax.Array | np.ndarray):
+        if axis.ndim != 0 or not jnp.issubdtype(axis.dtype, jnp.integer):
+            raise ValueError(f"axis must be None, an int or a tuple of ints; got {axis!r}.")
+        return int(axis)
+    return axis

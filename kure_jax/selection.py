@@ -2,7 +2,10 @@
 
 A *selection* is either ``None`` (the default rule below) or a predicate
 ``where(path, leaf) -> bool`` where ``path`` is the tuple of string keys leading
-to the leaf, e.g. ``("params", "Conv_0", "kernel")``.
+to the leaf, e.g. ``("params", "Conv_0", "kernel")``. Flax NNX states
+(``nnx.state(model, nnx.Param)``) give the same names as Linen dicts: the
+``value`` attribute of each ``nnx.Variable`` is not part of the path
+(``("conv", "kernel")``).
 
 Default rule: every leaf of rank >= 2 stored under a key named ``kernel`` (the
 weights of Flax ``Conv``/``Dense`` layers). A tree that has no ``kernel`` key at
@@ -43,9 +46,18 @@ def _key_to_str(key: Any) -> str:
     return str(key)
 
 
+def _path_names(path: tuple[Any, ...]) -> Path:
+    # A Flax NNX Variable (``nnx.Param``) flattens to its ``.value`` attribute, so the leaves of
+    # ``nnx.state(model)`` end in ``GetAttrKey("value")``: dropped, so that NNX and Linen
+    # trees give the same names (``conv/kernel``). A dict key named "value" is kept.
+    if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and path[-1].name == "value":
+        path = path[:-1]
+    return tuple(_key_to_str(k) for k in path)
+
+
 def _flatten(params: PyTree) -> tuple[list[tuple[Path, Any]], Any]:
     leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(params)
-    named = [(tuple(_key_to_str(k) for k in path), leaf) for path, leaf in leaves_with_path]
+    named = [(_path_names(path), leaf) for path, leaf in leaves_with_path]
     return named, treedef
 
 
