@@ -1,5 +1,5 @@
 # Two entry points for a fresh machine with Python 3.11 (each creates .venv if missing):
-#   make demo   -- install, then run the main job
+#   make demo   -- install, then run the main job (scripts/demo.py)
 #   make test   -- install, then run lint + the test suite
 PYTHON ?= python3
 VENV := .venv
@@ -23,7 +23,7 @@ test: install lint
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 demo: install
-	$(BIN)/python -m kure_jax.evaluation.demo
+	$(BIN)/python scripts/demo.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from kure_jax import kernels, quant
-from kure_jax.policy import QuantPolicy, quantize
+from kure_jax.quant.policy import QuantPolicy, quantize
 
 BITS = 4
 

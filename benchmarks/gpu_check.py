@@ -18,7 +18,7 @@ import numpy as np
 import kure_jax
 from kure_jax import kernels, quant
 from kure_jax.models import get_model
-from kure_jax.policy import QuantPolicy
+from kure_jax.quant.policy import QuantPolicy
 
 SHAPE = (3001, 517)  # Not a multiple of any block size.
 STEPS = {"tensor": (), "col": (1, SHAPE[1]), "row": (SHAPE[0], 1)}

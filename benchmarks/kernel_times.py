@@ -23,7 +23,8 @@ Nsight Compute (GPU, cold caches): each op runs a few times between two marker k
     python benchmarks/kernel_times.py --parse ncu.csv --labels stdout.txt --out DIR
 
 ``--penalty`` adds the KURE penalty + gradient over ResNet-18/50 params against one copy of
-the same params (``--sizes ""`` runs only that).
+the same params, and the A/B of its per-tensor merge (``_merge_ab.py``: segment ops vs masked
+reductions, on block statistics of the same params); ``--sizes ""`` runs only these.
 
 ``ncu`` flushes the caches before every kernel (its default ``--cache-control all``), so the
 times are cold-L2 HBM times: a 16M-element bf16 tensor (32 MB) would otherwise sit partly in
@@ -112,40 +113,28 @@ def _fake_quant_rows(sizes: list[int]):
 
 
 def _penalty_ops():
-    """``(model, op, impl, fn, params)``: a copy of all params vs the penalty + its gradient."""
+    """``(model, params, op, impl, fn, arg)``: a copy of all params vs the penalty + its
+    gradient, and the A/B of the per-tensor merge inside it (``_merge_ab``: on block statistics
+    of the same params, segment ops vs masked reductions)."""
     import jax
     import jax.numpy as jnp
+    from _merge_ab import merge_ops
 
     import kure_jax
     from kure_jax import kernels
     from kure_jax.models import get_model
 
     pallas = functools.partial(kernels.penalty, impl="pallas")
+    copy = lambda p: jax.tree.map(jnp.negative, p)
     for name in ("resnet18", "resnet50"):
         model = get_model(name, num_classes=1000)
         params = jax.jit(lambda k, model=model: model.init(
             k, jnp.zeros((1, 64, 64, 3)), train=False))(jax.random.key(0))["params"]
-        yield name, "copy (all params)", "xla", lambda p: jax.tree.map(jnp.negative, p), params
-        yield name, "penalty+grad", "jnp", jax.value_and_grad(kure_jax.penalty), params
-        yield name, "penalty+grad", "pallas", jax.value_and_grad(pallas), params
-        yield name, "penalty+grad, masked merge", "pallas", _masked_merge(
-            jax.value_and_grad(pallas)), params
-
-
-def _masked_merge(fn):
-    """``fn`` traced with the penalty's per-tensor merge done by masked reductions instead of
-    scatters (``_moment_kernels.merge(reduce="masked")``): the A/B of the merge's cost."""
-    from kure_jax.kernels import _moment_kernels as mk
-
-    def traced(*args):
-        original = mk.merge
-        mk.merge = functools.partial(original, reduce="masked")
-        try:
-            return fn(*args)
-        finally:
-            mk.merge = original
-
-    return traced
+        yield name, params, "copy (all params)", "xla", copy, params
+        yield name, params, "penalty+grad", "jnp", jax.value_and_grad(kure_jax.penalty), params
+        yield name, params, "penalty+grad", "pallas", jax.value_and_grad(pallas), params
+        for op, impl, fn, stats in merge_ops(params):
+            yield name, params, op, impl, fn, stats
 
 
 def _penalty_rows():
@@ -156,11 +145,11 @@ def _penalty_rows():
     """
     import jax
 
-    for model, name, impl, fn, params in _penalty_ops():
+    for model, params, name, impl, fn, arg in _penalty_ops():
         nbytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
         # units = 2 for every row: of_copy_bw is then t_copy / t, i.e. 1 / (time in copies).
-        yield fn, (params,), {"dtype": model, "elements": nbytes // 4, "op": name,
-                              "impl": impl, "units": 2, "bytes": nbytes}
+        yield fn, (arg,), {"dtype": model, "elements": nbytes // 4, "op": name,
+                           "impl": impl, "units": 2, "bytes": nbytes}
 
 
 def _trace(rows, trace_dir: pathlib.Path, out: pathlib.Path | None) -> None:

@@ -4,8 +4,9 @@
 #     changed on 2026-12-01 to work in units of each tensor's scale), also for weights x 1e-8.
 #  1. Device time of the KURE penalty + gradient over ResNet-18/50 params vs one copy of them,
 #     with the time of each kernel (the profile: Pallas kernels vs the XLA merge between them)
-#     and the A/B of that merge (scatters vs masked reductions, rows "masked merge"),
-#     read from jax.profiler's trace (kernel_times.py --trace; under ncu this profile died with
+#     and the A/B of that merge on the same params' block statistics (benchmarks/_merge_ab.py:
+#     segment ops, as the library, vs masked reductions; rows "merge (segment)" / "merge
+#     (masked)"), read from jax.profiler's trace (kernel_times.py --trace; under ncu this profile died with
 #     a segmentation fault twice), with the fake-quant rows at 16M/64M for comparison.
 #  2. The same penalty profile under ncu with XLA's command buffers (CUDA graphs) turned off,
 #     a guess at what ncu could not instrument; cold-cache numbers if it works.

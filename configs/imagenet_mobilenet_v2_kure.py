@@ -7,16 +7,13 @@ Otherwise as ``imagenet_resnet18_kure.py`` (same caveat: no torchvision-pretrain
 training starts from scratch; ImageNet comes from TFDS with a manual dir).
 """
 
-import pathlib
-import runpy
-
 import ml_collections
 
-_resnet18 = runpy.run_path(str(pathlib.Path(__file__).with_name("imagenet_resnet18_kure.py")))
+from configs import imagenet_base
 
 
 def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
-    config = _resnet18["get_config"](variant)
+    config = imagenet_base.get_config(variant)
     config.model = "mobilenet_v2"
     config.batch_size = 256
     config.num_epochs = 83.0

@@ -10,16 +10,13 @@ Same caveat as ``imagenet_resnet18_kure.py`` (same caveat: no torchvision-pretra
 training starts from scratch; ImageNet comes from TFDS with a manual dir).
 """
 
-import pathlib
-import runpy
-
 import ml_collections
 
-_resnet18 = runpy.run_path(str(pathlib.Path(__file__).with_name("imagenet_resnet18_kure.py")))
+from configs import imagenet_resnet18_kure
 
 
 def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
-    config = _resnet18["get_config"](variant)
+    config = imagenet_resnet18_kure.get_config(variant)
     config.num_epochs = 80.0
     config.learning_rate = 1e-4
     config.schedule.milestones = (30, 60, 85, 95)

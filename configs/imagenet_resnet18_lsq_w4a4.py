@@ -12,18 +12,13 @@ these are the DoReFa W4A4 recipe's (``imagenet_resnet18_dorefa_w4a4.py``), with 
 same caveat (no torchvision-pretrained weights yet).
 """
 
-import pathlib
-import runpy
-
 import ml_collections
 
-_dorefa = runpy.run_path(
-    str(pathlib.Path(__file__).with_name("imagenet_resnet18_dorefa_w4a4.py"))
-)
+from configs import imagenet_resnet18_dorefa_w4a4
 
 
 def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
-    config = _dorefa["get_config"](variant)
+    config = imagenet_resnet18_dorefa_w4a4.get_config(variant)
     config.qat.weight_quantizer = "learned_clip"
     config.qat.act_quantizer = "learned_clip"
     return config

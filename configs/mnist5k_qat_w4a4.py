@@ -21,16 +21,13 @@ fine-tunes a float model (97.7% after 3 epochs):
         --config.init_from=runs/mnist5k_kure --config.learning_rate=0.005 --config.num_epochs=3
 """
 
-import pathlib
-import runpy
-
 import ml_collections
 
-_default = runpy.run_path(str(pathlib.Path(__file__).with_name("mnist5k_kure.py")))
+from configs import mnist5k_kure
 
 
 def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
-    config = _default["get_config"](variant)
+    config = mnist5k_kure.get_config(variant)
     config.qat.enabled = True
     config.qat.weight_bits = 4
     config.qat.act_bits = 4

@@ -1,18 +1,25 @@
 """Checkpoints: bit-exact resume, best-k by accuracy, restore_for_eval, NaN guard."""
 
+import asyncio
+import gc
 import json
 import os
 import pathlib
+import shutil
 import signal
+import subprocess
+import sys
 import time
+import types
 
 import jax
 import numpy as np
 import pytest
 from _training_helpers import ROOT, interrupt_when, load_config
 
-from kure_jax.data.pipeline import get_dataset
+from kure_jax.data import get_dataset
 from kure_jax.training import NonFiniteLossError, restore_for_eval, train_and_evaluate
+from kure_jax.training._orbax_noise import drop_closed_loop_callbacks
 
 NUM_STEPS = 6
 
@@ -105,6 +112,51 @@ def test_restore_for_eval_errors(tmp_path, straight):
         restore_for_eval(tmp_path)
     with pytest.raises(ValueError, match="'best' or 'latest'"):
         restore_for_eval(straight[0], which="first")
+
+
+def test_damaged_checkpoint_raises_one_error_and_prints_nothing(tmp_path, straight):
+    # A fresh interpreter, so that the late TensorStore callbacks up to its exit are included.
+    damaged = shutil.copytree(straight[0], tmp_path / "damaged")
+    for data_file in damaged.glob("*/*/state/d/*"):
+        data_file.write_bytes(b"\x00not an array" * 4)
+    script = ("import sys\nfrom kure_jax.training import restore_for_eval\n"
+              "try:\n    restore_for_eval(sys.argv[1])\n"
+              "except Exception as err:\n    print(type(err).__name__)\n")
+    result = subprocess.run([sys.executable, "-c", script, str(damaged)], capture_output=True,
+                            text=True, timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert result.returncode == 0 and result.stdout.strip() == "ValueError", result
+    assert "Event loop is closed" not in result.stderr and "Traceback" not in result.stderr
+
+
+def _unraisable(err):
+    return types.SimpleNamespace(exc_type=type(err), exc_value=err, exc_traceback=err.__traceback__,
+                                 err_msg=None, object=None)
+
+
+def test_only_closed_loop_callbacks_are_dropped(monkeypatch):
+    seen = []
+    monkeypatch.setattr(sys, "unraisablehook", seen.append)
+    drop_closed_loop_callbacks()
+    hook = sys.unraisablehook
+    drop_closed_loop_callbacks()  # once per process: not wrapped twice
+    assert sys.unraisablehook is hook
+    loop = asyncio.new_event_loop()
+    loop.close()
+    with pytest.raises(RuntimeError, match="Event loop is closed") as closed:
+        loop.call_soon_threadsafe(print)  # what TensorStore's threads do after a failed restore
+    hook(_unraisable(closed.value))
+    assert seen == []
+    same_text = RuntimeError("Event loop is closed")  # not from call_soon_threadsafe: kept
+    hook(_unraisable(same_text))
+    assert [u.exc_value for u in seen] == [same_text]
+
+    class Raises:
+        def __del__(self):
+            raise ValueError("from __del__")
+
+    Raises()  # a real unraisable exception, reported through the hook
+    gc.collect()
+    assert [u.exc_type for u in seen] == [RuntimeError, ValueError]
 
 
 def test_non_finite_loss_stops_without_saving_the_bad_state(tmp_path):

@@ -160,62 +160,21 @@ def test_ctrl_c_swallowed_by_a_library_still_stops_the_sweep(monkeypatch, tmp_pa
     assert code == 130 and tasks_run == [0, 1]
 
 
-@pytest.mark.parametrize("recipe", ["qat_baseline", "dorefa_baseline", "dorefa_kure"])
-def test_demo_qat_recipes_build_valid_configs(recipe):
-    # DoReFa kernels are scale-free: its recipes must put a BatchNorm after `hidden`; LSQ's not.
-    from kure_jax.evaluation import demo
-    from kure_jax.training import build_model, qat_config, validate_config
+def test_step_ratio_sweep_benchmark_runs(workdir):
+    """benchmarks/eval_step_ratio_sweep.py (moved out of the package) on the tiny checkpoint."""
+    import importlib.util
 
-    config_file, overrides = demo.RECIPES[recipe]
-    config = demo._config(ROOT / "configs" / config_file, overrides, seed=2)
-    validate_config(config)
-    dorefa = recipe.startswith("dorefa")
-    assert config.seed == 2 and config.kure.lambda_ == (1.0 if recipe.endswith("kure") else 0.0)
-    assert qat_config(config).weight_quantizer == ("dorefa" if dorefa else "lsq")
-    config.qat.kernel_impl = "pallas"  # as trained on a GPU; evaluation picks its own kernels
-    assert qat_config(config).kernel_impl == "pallas"
-    assert qat_config(config, kernel_impl="jnp").kernel_impl == "jnp"
-    assert build_model(config, axis_name=None).hidden_norm is dorefa
-
-
-def test_demo_trains_sweeps_and_prints_the_comparison(tmp_path, capsys):
-    """The demo's plumbing on tiny configs: two trainings, one sweep, the claims table."""
-    from kure_jax.evaluation import demo
-
-    configs = tmp_path / "configs"
-    (configs / "sweeps").mkdir(parents=True)
-    for name in ("mnist5k_baseline.py", "mnist5k_kure.py"):
-        (configs / name).write_text(
-            "import runpy\n"
-            f"_c = runpy.run_path({str(ROOT / 'configs' / name)!r})['get_config']\n"
-            "def get_config():\n    return _c('tiny')\n")
-    (configs / "sweeps" / "default.py").write_text(
-        "import runpy\n"
-        f"_c = runpy.run_path({TINY_SWEEP!r})['get_config']\n"
-        "def get_config():\n    c = _c()\n    c.weight.bits = (2,)\n"
-        "    c.weight_act.pairs = ()\n    return c\n")
+    path = ROOT / "benchmarks" / "eval_step_ratio_sweep.py"
+    spec = importlib.util.spec_from_file_location("eval_step_ratio_sweep", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
     previous = jax.config.read("jax_disable_most_optimizations")
     jax.config.update("jax_disable_most_optimizations", True)
-    try:
-        assert demo.main(["--workdir", str(tmp_path / "runs"), "--configs", str(configs),
-                          "--no-progress"]) == 0
+    try:  # raises RuntimeError if the four methods' accuracies disagree
+        rows = bench.time_step_ratio_sweep(str(workdir), bits=(2,), chunk=2)
     finally:
         jax.config.update("jax_disable_most_optimizations", previous)
-    printed = capsys.readouterr().out
-    assert "| baseline |" in printed and "| kure |" in printed
-    assert "| W2 per-tensor max-abs PTQ |" in printed
-    assert "Not run (add --qat / --dorefa): W4A4-QAT (LSQ)" in printed  # no QAT pair here
-    data = json.loads((tmp_path / "runs" / "eval" / "results.json").read_text())
-    assert [c["group"] for c in data["checkpoints"]] == ["baseline", "kure"]
-
-
-def test_demo_ctrl_c_keeps_the_training_done_so_far(tmp_path):
-    runs = tmp_path / "runs"
-    metrics = runs / "baseline_s0" / "metrics.jsonl"
-    code, stderr = interrupt_when(  # once the first training has logged a line
-        ROOT / "kure_jax" / "evaluation" / "demo.py", ["--workdir", runs, "--no-progress"],
-        ready=lambda: metrics.is_file() and bool(metrics.read_text().strip()), env=ENV)
-    assert code == 130, stderr[-3000:]
-    assert "interrupted: rerun the same command" in stderr and "Traceback" not in stderr
-    saved = [p.name for p in (runs / "baseline_s0" / "checkpoints").iterdir() if p.name.isdigit()]
-    assert saved, "the interrupted training saved no checkpoint"
+    assert [(b, name.split(" (")[0]) for b, name, _ in rows] == [
+        (2, "mapped chunk=1"), (2, "mapped chunk=2"), (2, "loop, ratio as array"),
+        (2, "loop, recompiling per point")]
+    assert all(seconds > 0 for *_, seconds in rows)

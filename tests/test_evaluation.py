@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from kure_jax import QuantPolicy, quantize_params
-from kure_jax.data.pipeline import get_dataset
+from kure_jax.data import get_dataset
 from kure_jax.evaluation import (
     SweepSpec,
     SweepTarget,
@@ -425,32 +425,3 @@ def test_grouped_report_averages_checkpoints(sweep):
     assert f"| tiny | {100 * 0.75 * fp:.1f} |" in table  # mean of fp and fp / 2
     report = markdown_report(grouped)
     assert "mean over the checkpoints of each group" in report and " ± " in report
-
-
-def test_claims_compare_group_means():
-    from kure_jax.evaluation.demo import claims
-
-    def point(ckpt, kind, acc, bits=None, quantizer="max"):
-        return {"checkpoint": ckpt, "kind": kind, "accuracy": acc, "weight_bits": bits,
-                "quantizer": quantizer}
-
-    groups = {"k0": "kure", "k1": "kure", "b0": "baseline", "qk": "qat_kure", "qb": "qat_baseline"}
-    points = [point("k0", "fp", 0.980), point("k1", "fp", 0.978), point("b0", "fp", 0.981),
-              point("k0", "weight", 0.60, 2), point("k1", "weight", 0.70, 2),
-              point("k1", "weight", 0.10, 2, "floor"), point("b0", "weight", 0.30, 2),
-              point("k0", "step_ratio", 0.95, 3), point("k0", "step_ratio", 0.90, 3),
-              point("k1", "step_ratio", 0.92, 3), point("k0", "step_ratio", 0.10, 4),
-              point("b0", "step_ratio", 0.80, 3), point("qk", "qat_bits", 0.50, 3),
-              point("qb", "qat_bits", 0.45, 3)]
-    data = {"checkpoints": [{"label": k, "group": g} for k, g in groups.items()],
-            "points": points}
-    fp, w2, ratio, qat, dorefa = claims(data)
-    assert fp["kure"] == pytest.approx(0.979) and fp["difference"] == pytest.approx(-0.2)
-    assert fp["holds"]
-    assert w2["kure"] == pytest.approx(0.65) and w2["difference"] == pytest.approx(35.0)
-    assert ratio["kure"] == pytest.approx(0.91) and ratio["difference"] == pytest.approx(11.0)
-    assert ratio["holds"] and w2["holds"]
-    assert qat["difference"] == pytest.approx(5.0) and qat["holds"] is False
-    assert dorefa["holds"] is None  # that pair was not run
-    no_qat = {**data, "checkpoints": data["checkpoints"][:3]}
-    assert claims(no_qat)[3]["holds"] is None

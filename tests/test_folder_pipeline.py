@@ -12,9 +12,9 @@ Image = pytest.importorskip("PIL.Image")
 
 from _training_helpers import load_config  # noqa: E402
 
-from kure_jax.data import load_mnist5k, pipeline  # noqa: E402
+from kure_jax.data import Dataset, get_dataset, load_mnist5k  # noqa: E402
 from kure_jax.data.folder import folder_dataset  # noqa: E402
-from kure_jax.training import loop, train_and_evaluate  # noqa: E402
+from kure_jax.training import train_and_evaluate  # noqa: E402
 
 PER_CLASS = {"train": 8, "test": 3}  # 80 training and 30 test digits
 
@@ -51,7 +51,7 @@ def take(iterator, n):
 
 def test_batches_hold_the_digits_with_their_labels(digits, dataset):
     _, lookup = digits
-    assert isinstance(dataset, pipeline.Dataset)
+    assert isinstance(dataset, Dataset)
     assert (dataset.num_classes, dataset.image_shape) == (10, (28, 28, 1))
     assert (dataset.num_train_examples, dataset.num_eval_examples) == (80, 30)
     epoch = take(dataset.train_batches(seed=0, start_step=0, global_batch_size=16), 5)
@@ -145,6 +145,16 @@ def test_folder_errors(tmp_path, digits):
         ds.eval_batches(global_batch_size=9, process_count=2)
 
 
+def test_registry_builds_the_folder_and_checks_its_options(digits):
+    root = str(digits[0])
+    ds = get_dataset("folder", data_dir=root, preprocessing="plain", image_size=28, channels=1)
+    assert (ds.name, ds.num_train_examples) == ("folder", 80)
+    with pytest.raises(ValueError, match=r"'folder' takes the options .*missing: \['data_dir'\]"):
+        get_dataset("folder")
+    with pytest.raises(ValueError, match=r"unknown: \['image_shape'\]"):
+        get_dataset("folder", data_dir=root, image_shape=28)
+
+
 def _only_train(tmp_path, root):
     only = tmp_path / "only_train"
     (only / "train" / "0").mkdir(parents=True)
@@ -165,13 +175,11 @@ def tiny_config():
     return config
 
 
-def test_training_runs_on_the_folder(digits, tmp_path, monkeypatch):
+def test_training_runs_on_the_folder(digits, tmp_path):
     config = tiny_config()
     config.dataset_options = ml_collections.ConfigDict(
         {"data_dir": str(digits[0]), "preprocessing": "plain", "image_size": 28, "channels": 1}
     )
-    if "folder" not in pipeline.DATASET_NAMES:  # until pipeline.py registers the factory
-        monkeypatch.setattr(loop, "get_dataset", lambda name, **options: folder_dataset(**options))
     result = train_and_evaluate(config, tmp_path)
     assert int(result.state.step) == 4
     assert result.eval_metrics["count"] == 30  # every test digit once, padding masked out

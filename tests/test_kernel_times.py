@@ -3,7 +3,8 @@
 The next GPU run depends on this profile (benchmarks/run_gpu_followup.sh), so its parsing is
 checked here on CPU, where the trace holds XLA's thunks: every op gets its own kernels, the
 copy is the yardstick, and the marker-kernel fallback (for device events that name no XLA
-module) attributes exactly the same kernels as the module names do.
+module) attributes exactly the same kernels as the module names do. The A/B of the penalty's
+per-tensor merge (benchmarks/_merge_ab.py) is checked against NumPy's moments.
 """
 
 import gzip
@@ -13,6 +14,9 @@ import os
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 from _training_helpers import ROOT
 
@@ -86,3 +90,57 @@ def test_marker_fallback_matches_module_names(traced):
     stripped.write_bytes(gzip.compress(json.dumps({"traceEvents": device}).encode()))
     assert kt._calls_from_trace(stripped, modules) == by_module
     assert len(by_module) == 2 * 6  # two dtypes x the six jnp/xla ops at one size
+
+
+def _np_central_moments(x):
+    x = np.asarray(x, np.float64).ravel()
+    d = x - x.mean()
+    return x.mean(), *(np.mean(d**k) for k in (2, 3, 4))
+
+
+@pytest.mark.parametrize("reduce", ["segment", "masked"])
+def test_merge_ab_variants_give_the_moments(reduce):
+    # kernel_times.py --penalty's A/B of the per-tensor merge (benchmarks/_merge_ab.py): both
+    # reductions must compute the same thing, the tensors' moments (here against float64 NumPy).
+    ab = import_benchmark("_merge_ab")
+    rng = np.random.default_rng(0)
+    tensors = [rng.normal(3.0, 0.5, (7, 9, 5)), rng.laplace(0.0, 2.0, 64),
+               rng.uniform(-1, 1, (33, 3)), np.full((5,), 2.5), rng.normal(0, 1, 1)]
+    layout = ab.Layout.build([t.size for t in tensors], block=32)
+    assert layout.num_blocks == 10 + 2 + 4 + 1 + 1
+    stats = ab.block_stats([jnp.asarray(t, jnp.float32) for t in tensors], layout)
+    mean, m2, m3, m4, absmax, scale = jax.jit(
+        lambda s: ab.merge(s, layout, reduce=reduce))(stats)
+    for i, t in enumerate(tensors):
+        want_mean, *want = _np_central_moments(t)
+        np.testing.assert_allclose(mean[i], want_mean, rtol=1e-6, atol=1e-6)
+        got = [float(m[i]) * float(scale[i]) ** k
+               for k, m in zip((2, 3, 4), (m2, m3, m4), strict=True)]
+        spread = want[0] ** 0.5  # m3 ~ 0 for symmetric tensors: compare on the spread's scale
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * spread**3 + 1e-12)
+        assert float(absmax[i]) == np.float32(np.abs(t).max())
+    with pytest.raises(ValueError, match="reduce must be one of"):
+        ab.merge(stats, layout, reduce="scatter")
+
+
+def test_merge_ab_rows_agree_and_match_the_kernels_layout():
+    ab = import_benchmark("_merge_ab")
+    params = {"a": {"kernel": jnp.linspace(-1.0, 2.0, 5000).reshape(50, 100)},
+              "b": {"kernel": jnp.cos(jnp.arange(300.0)).reshape(3, 100), "bias": jnp.ones(3)}}
+    rows = list(ab.merge_ops(params))
+    assert [(op, impl) for op, impl, _, _ in rows] == [("merge (segment)", "xla"),
+                                                       ("merge (masked)", "xla")]
+    (_, _, segment, stats), (_, _, masked, _) = rows
+    for a, b in zip(jax.jit(segment)(stats), jax.jit(masked)(stats), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6)
+    # The benchmark's blocks are the GPU kernel's (same workload as inside kernels.penalty).
+    from kure_jax.kernels import _moment_kernels
+
+    sizes = [3, 300, 5000, 4096, 70000]
+    seg = _moment_kernels.Segments.build(sizes, _moment_kernels.GPU_BLOCK, "gpu")
+    layout = ab.Layout.build(sizes)
+    assert (layout.blocks, layout.starts, layout.num_blocks) == (
+        seg.blocks, seg.starts, seg.num_programs)
+    tid, valid = seg.block_counts()
+    np.testing.assert_array_equal(layout.tensor_ids(), tid)
+    np.testing.assert_array_equal(layout.valid(), valid)

@@ -20,8 +20,8 @@ from hypothesis.extra import numpy as hnp
 
 import kure_jax
 from kure_jax import kernels, quant
-from kure_jax.kernels import _config, _moment_kernels, _moments, _ops
-from kure_jax.policy import QuantPolicy
+from kure_jax.kernels import _config, _ops
+from kure_jax.quant.policy import QuantPolicy
 
 PALLAS = {"impl": "pallas", "interpret": True}
 BLOCK = (4, 8)  # Tiny tiles: (13, 10) -> 4 x 2 tiles, the last ones partial.
@@ -315,25 +315,6 @@ def test_kurtosis_many_is_scale_free(scale):
     if 1e-10 <= scale <= 1e10:  # Raw moments themselves are float32 (m2 ~ scale^2).
         moments = kernels.tensor_moments(leaves[:1], block_size=64, **PALLAS)
         np.testing.assert_allclose(float(moments.m2[0]) / scale**2, np.var(base[0]), rtol=1e-5)
-
-
-def test_masked_merge_equals_segment_merge():
-    # The alternative merge (masked reductions instead of scatters) that the GPU profile
-    # compares; same per-tensor moments up to summation order.
-    leaves = [leaf for _, leaf in kure_jax.select(_params(offset=100.0))]
-    spec = _moments._spec(leaves, 0, None, True, 64)
-    stats, shifts = _moment_kernels.block_stats(spec.seg, leaves, spec.launch)
-    merge = jax.jit(_moment_kernels.merge, static_argnums=0, static_argnames="reduce")
-    segment = merge(spec.seg, stats, shifts)
-    masked = merge(spec.seg, stats, shifts, reduce="masked")
-    for name, a, b in zip(("mean", "m2", "m3", "m4", "absmax", "scale"), segment, masked,
-                          strict=True):
-        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-        # m3 ~ 0 for symmetric tensors: compare it on the scale of the spread, m2^(3/2).
-        atol = 1e-6 * np.asarray(segment[1], np.float64) ** 1.5 if name == "m3" else 0.0
-        assert np.all(np.abs(b - a) <= 1e-6 * np.abs(a) + atol), (name, a, b)
-    with pytest.raises(ValueError, match="reduce must be"):
-        _moment_kernels.merge(spec.seg, stats, shifts, reduce="scatter")
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "max"])

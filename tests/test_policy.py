@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from scipy import optimize, special
 
 from kure_jax import quant
-from kure_jax.policy import CLIP_METHODS, QuantPolicy, compute_step, quantize
+from kure_jax.quant.policy import CLIP_METHODS, QuantPolicy, compute_step, quantize
 
 
 @pytest.fixture(params=[False, True], ids=["eager", "jit"])

@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kure_jax.policy import QuantPolicy, compute_step, quantize
-from kure_jax.ptq import quantize_params
+from kure_jax.quant.policy import QuantPolicy, compute_step, quantize
+from kure_jax.quant.ptq import quantize_params
 
 
 def _variables(seed=0):

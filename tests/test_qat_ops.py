@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kure_jax.qat_ops import dorefa_activation, dorefa_weight, learned_clip_quant
+from kure_jax.quant.quantizers import dorefa_activation, dorefa_weight, learned_clip_quant
 
 jit_or_not = pytest.mark.parametrize("use_jit", [False, True], ids=["eager", "jit"])
 

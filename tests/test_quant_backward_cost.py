@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kure_jax import qat_ops, quant
+from kure_jax import quant
+from kure_jax.quant import quantizers as qat_ops
 
 SHAPE = (64, 32)
 

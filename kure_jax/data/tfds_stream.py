@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
-from kure_jax.data.pipeline import Batch, process_slice
+from kure_jax.data.base import Batch, process_slice
 
 if TYPE_CHECKING:
     import tensorflow as tf
@@ -76,7 +76,7 @@ class ExampleSource(Protocol):
 
 @dataclasses.dataclass(frozen=True, eq=False, kw_only=True)
 class TFDSDataset:
-    """A :class:`kure_jax.data.pipeline.Dataset` streamed with ``tf.data`` (module docstring).
+    """A :class:`kure_jax.data.base.Dataset` streamed with ``tf.data`` (module docstring).
 
     Attributes:
       name: registry name, e.g. ``"imagenet2012"`` or ``"folder"``.

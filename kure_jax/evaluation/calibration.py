@@ -28,9 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kure_jax.policy import QuantPolicy, compute_step
-from kure_jax.qat import is_quantizable
-from kure_jax.quant import fake_quant
+from kure_jax import QuantPolicy, compute_step, fake_quant
+from kure_jax.qat.linen import is_quantizable
 
 __all__ = [
     "ActivationCalibration",

@@ -3,7 +3,7 @@
 Every evaluation here reduces a batch to three float32 sums, ``[correct, loss_sum, count]``
 over the unmasked rows (the last eval batch is padded with ``mask == 0``), and adds them up
 over the batches in float64 on the host: the accuracy is then exactly the one
-``kure_jax.training.evaluate`` reports.
+``kure_jax.training.train_and_evaluate`` reports.
 
 Continuous sweeps (step ratios, stochastic-rounding keys) are *mapped*: one ``jax.jit``-compiled
 function evaluates all points on a batch with ``jax.lax.map(..., batch_size=chunk)``, so a
@@ -26,8 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from kure_jax.policy import QuantPolicy
-from kure_jax.ptq import quantize_params
+from kure_jax import QATConfig, QuantPolicy, quantize_params, quantized_apply
 from kure_jax.selection import LeafPredicate
 
 __all__ = [
@@ -48,19 +47,23 @@ ApplyFn = Callable[[PyTree, jax.Array], jax.Array]
 
 
 class Metrics(NamedTuple):
-    """Accuracy (fraction in [0, 1]), mean cross-entropy and number of test images."""
+    """Accuracy (fraction in [0, 1]), mean cross-entropy and number of test images.
+
+    What :func:`evaluate` and :func:`evaluate_mapped` return: the one ``Metrics`` of kure_jax
+    (a training step's metrics are plain dicts of arrays).
+    """
 
     accuracy: float
     loss: float
     count: int
 
 
-def classifier_apply(model: nn.Module, *, qat: Any = None) -> ApplyFn:
+def classifier_apply(model: nn.Module, *, qat: QATConfig | None = None) -> ApplyFn:
     """``apply(variables, images) -> logits`` of a classifier in inference mode.
 
     Args:
       model: a Flax classifier taking ``(images, train=False)``.
-      qat: a ``kure_jax.qat.QATConfig`` to run the model fake-quantised as trained
+      qat: a :class:`kure_jax.QATConfig` to run the model fake-quantised as trained
         (``variables`` then holds its ``"quant"`` collection), or ``None`` for float.
 
     Returns:
@@ -69,8 +72,6 @@ def classifier_apply(model: nn.Module, *, qat: Any = None) -> ApplyFn:
     """
     if qat is None or not qat.quantizes:
         return lambda variables, images: model.apply(variables, images, train=False)
-    from kure_jax.qat import quantized_apply
-
     return lambda variables, images: quantized_apply(
         model, variables, images, qat=qat, train=False
     )

@@ -12,14 +12,15 @@ import pathlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kure_jax import QATConfig, kurtosis_report
 from kure_jax.evaluation import plots, report
 from kure_jax.evaluation.spec import SweepSpec
 from kure_jax.evaluation.sweep import SweepTarget, Task, plan_sweep, quantized_layers
-from kure_jax.kurtosis import kurtosis_report
 
 __all__ = ["CheckpointError", "LoadedCheckpoint", "load_checkpoint", "run_sweep", "write_outputs"]
 
@@ -44,10 +45,10 @@ class LoadedCheckpoint:
     group: str
     path: str
     config: Any
-    model: Any
+    model: nn.Module
     variables: dict[str, PyTree]
     dataset: Any
-    qat: Any
+    qat: QATConfig | None
 
     def target(self) -> SweepTarget:
         """The :class:`SweepTarget` that :func:`plan_sweep` takes."""
@@ -103,9 +104,9 @@ def load_checkpoint(
       CheckpointError: one line naming the path, for a missing or unreadable checkpoint, an
         unknown dataset, or weights whose shapes do not fit the model its config describes.
     """
-    from kure_jax.data.pipeline import get_dataset
-    from kure_jax.training.build import qat_config
-    from kure_jax.training.checkpoint import restore_for_eval
+    # Deferred: `import kure_jax.evaluation` stays free of Orbax and the data pipelines.
+    from kure_jax.data import get_dataset
+    from kure_jax.training import qat_config, restore_for_eval
 
     name, sep, path = spec.partition("=")
     if not sep or "/" in name or not name:

@@ -21,8 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from kure_jax.policy import CLIP_METHODS, QuantPolicy
-from kure_jax.quant import MAX_BITS, MIN_BITS
+from kure_jax import CLIP_METHODS, MAX_BITS, MIN_BITS, QuantPolicy
 
 __all__ = ["LAYER_SELECTIONS", "SweepSpec", "load_sweep"]
 

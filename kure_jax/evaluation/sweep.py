@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kure_jax import QATConfig, QuantPolicy, paper_selection, select
 from kure_jax.evaluation import calibration
 from kure_jax.evaluation.forward import (
     Metrics,
@@ -48,8 +49,7 @@ from kure_jax.evaluation.forward import (
     ptq_transform,
 )
 from kure_jax.evaluation.spec import SweepSpec
-from kure_jax.policy import QuantPolicy
-from kure_jax.selection import LeafPredicate, paper_selection, select
+from kure_jax.selection import LeafPredicate
 
 __all__ = ["POINT_KINDS", "SweepTarget", "Task", "plan_sweep", "quantized_layers"]
 
@@ -69,7 +69,7 @@ class SweepTarget:
       group: name shared by runs of the same recipe (e.g. seeds), for averaged tables.
       model: the unbound Flax classifier.
       variables: ``{"params", "batch_stats"[, "quant"]}``.
-      dataset: a ``kure_jax.data.pipeline.Dataset`` (test split: ``eval_batches``).
+      dataset: a ``kure_jax.data.Dataset`` (test split: ``eval_batches``).
       qat: the ``QATConfig`` the checkpoint was trained with, or ``None``.
     """
 
@@ -78,7 +78,7 @@ class SweepTarget:
     model: nn.Module
     variables: dict[str, PyTree]
     dataset: Any
-    qat: Any = None
+    qat: QATConfig | None = None
 
 
 @dataclasses.dataclass(frozen=True)

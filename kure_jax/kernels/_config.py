@@ -27,10 +27,10 @@ import jax
 IMPLS: tuple[str, ...] = ("auto", "pallas", "jnp")
 PLATFORMS: tuple[str, ...] = ("gpu", "tpu")
 ENV_VAR = "KURE_JAX_KERNELS"
-# "auto" uses the kernels on GPU only, and there only where an H200 run measured them faster
-# than XLA (BENCHMARKS.md, 2026-11-27): the penalty always (1.2-1.9x), fake-quant for 16-bit
-# inputs with deterministic rounding (``_fake_quant._auto_takes_kernel``). The Mosaic (TPU)
-# variant is lowered in CI but has never run on a TPU, so TPU stays on the jnp path until it has.
+# "auto" uses the kernels on GPU only, and there only where they measured faster than XLA (the
+# penalty; fake-quant per ``_fake_quant._auto_takes_kernel``): BENCHMARKS.md, "Dispatch
+# decision". The Mosaic (TPU) variant is lowered in CI but has never run on a TPU, so TPU stays
+# on the jnp path until it has.
 AUTO_PALLAS_BACKENDS: frozenset[str] = frozenset({"gpu"})
 
 

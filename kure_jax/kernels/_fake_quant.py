@@ -37,12 +37,12 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from kure_jax import policy as policy_lib
 from kure_jax import quant
+from kure_jax._arrays import check_positive, sum_to_shape
 from kure_jax.kernels import _config, _layout
 from kure_jax.kernels import _quant_kernels as qk
 from kure_jax.kernels._ops import key_words
-from kure_jax.quant import _check_positive
+from kure_jax.quant import policy as policy_lib
 
 __all__ = ["absmax_fake_quant", "fake_quant"]
 
@@ -217,7 +217,7 @@ def absmax_fake_quant(
         ratio = jnp.asarray(step_ratio, jnp.float32)
         if ratio.ndim != 0:
             raise ValueError(f"step_ratio must be a scalar; got shape {ratio.shape}.")
-        _check_positive("step_ratio", ratio)
+        check_positive("step_ratio", ratio)
         scale = scale * ratio
     scale = jnp.maximum(scale, tiny)
     scale = scale.reshape(tuple(d if i in kept else 1 for i, d in enumerate(x.shape)))
@@ -236,17 +236,14 @@ def _check_scale(scale: jax.Array, shape: tuple[int, ...]) -> None:
             f"scale of shape {scale.shape} must broadcast to x's shape {shape} (scalar, or size "
             "1 on every axis except the channel axes)."
         )
-    _check_positive("scale", scale)
+    check_positive("scale", scale)
 
 
 def _auto_takes_kernel(x: jax.Array, rounding: str) -> bool:
-    """Whether ``impl="auto"`` (on a backend in ``AUTO_PALLAS_BACKENDS``) runs the kernel.
-
-    Measured on an H200 (BENCHMARKS.md, device-side times from Nsight Compute, 16M-64M
-    elements): for 16-bit inputs the deterministic kernels beat XLA (forward 1.27x, absmax
-    1.13-1.15x; the backward is 0.90x, fwd + bwd together 1.04x); for float32 XLA's fusions are
-    3-6% faster, and for stochastic rounding the jnp path of the same hash noise is 2-8% faster.
-    """
+    """Whether ``impl="auto"`` (on a backend in ``AUTO_PALLAS_BACKENDS``) runs the kernel:
+    16-bit inputs with deterministic rounding, where the kernels measured faster than XLA's
+    fusions; float32 and stochastic rounding stay on the jnp path (BENCHMARKS.md, "Dispatch
+    decision")."""
     return x.dtype.itemsize == 2 and rounding != "stochastic"
 
 
@@ -295,7 +292,7 @@ def _fake_quant_bwd(spec, residuals, g):
         v, q = qk.quantize(spec, x, s, _noise(x.shape, words))
         g_x, contrib = qk.grad_terms(spec, v, q, g)
         g_x = g_x.astype(x.dtype)
-        g_s = _sum_to_shape(contrib, s.shape)
+        g_s = sum_to_shape(contrib, s.shape)
     return g_x, (g_s * spec.grad_factor).astype(s.dtype), None
 
 
@@ -315,10 +312,3 @@ def _noise(shape: tuple[int, ...], words: jax.Array | None) -> jax.Array | None:
         return None
     index = jnp.arange(math.prod(shape), dtype=jnp.uint32).reshape(shape)
     return qk.noise_at((words[0, 0], words[0, 1]), index)
-
-
-def _sum_to_shape(t: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-    """Sums ``t`` over the axes that broadcasting added or expanded to reach ``t.shape``."""
-    t = t.sum(axis=tuple(range(t.ndim - len(shape))))
-    axes = tuple(i for i, d in enumerate(shape) if d == 1 and t.shape[i] != 1)
-    return t.sum(axis=axes, keepdims=True) if axes else t

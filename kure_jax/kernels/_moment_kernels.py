@@ -136,9 +136,7 @@ def _scalar_table_spec(table: jax.Array, launch: _config.Launch) -> pl.BlockSpec
     return pl.BlockSpec(table.shape, lambda p: (0, 0))
 
 
-def merge(
-    seg: Segments, stats: jax.Array, shifts: jax.Array, *, reduce: str = "segment"
-) -> tuple[jax.Array, ...]:
+def merge(seg: Segments, stats: jax.Array, shifts: jax.Array) -> tuple[jax.Array, ...]:
     r"""Per tensor: ``mean - shift``, central moments ``m2, m3, m4`` in units of the tensor's
     scale ``A``, ``max|x|`` and ``A`` itself.
 
@@ -155,31 +153,17 @@ def merge(
     .. math:: M_4 = \sum_b r_b^4 S_{4,b} + 4 d_b r_b^3 S_{3,b} + 6 d_b^2 r_b^2 S_{2,b}
               + n_b d_b^4 .
 
-    ``reduce`` picks how per-block rows become per-tensor sums: ``"segment"`` (scatters,
-    ``jax.ops.segment_sum``/``segment_max``, the default) or ``"masked"`` (reductions over a
-    ``(num_tensors, num_programs)`` iota mask, which XLA can fuse into one kernel per pass where
-    each scatter is a kernel of its own). Same values up to summation order; which one is
-    faster on a GPU is what ``benchmarks/kernel_times.py``'s ``masked merge`` rows measure.
+    Per-block rows become per-tensor sums and maxima through ``jax.ops.segment_sum`` /
+    ``segment_max`` (the blocks of a tensor are contiguous and in order).
     """
     tid_np, n_b = seg.block_counts()
     num = len(seg.sizes)
     tid = jnp.asarray(tid_np)
     n = jnp.asarray(np.asarray(seg.sizes, np.float32))
-    if reduce == "segment":
-        segsum = lambda v: jax.ops.segment_sum(v, tid, num, indices_are_sorted=True)
-        # One scatter for both maxima.
-        segmax = lambda v: jax.ops.segment_max(v, tid, num, indices_are_sorted=True)
-        per_block = lambda v: v[tid]
-    elif reduce == "masked":
-        starts = np.asarray(seg.starts, np.int32)
-        ends = np.asarray([*seg.starts[1:], seg.num_programs], np.int32)
-        program = jax.lax.broadcasted_iota(jnp.int32, (num, seg.num_programs), 1)
-        mask = (program >= starts[:, None]) & (program < ends[:, None])
-        segsum = lambda v: jnp.sum(jnp.where(mask, v[None, :], 0.0), axis=1)
-        segmax = lambda v: jnp.max(jnp.where(mask[:, :, None], v[None], 0.0), axis=1)
-        per_block = lambda v: jnp.sum(jnp.where(mask, v[:, None], 0.0), axis=0)
-    else:
-        raise ValueError(f"reduce must be 'segment' or 'masked'; got {reduce!r}.")
+    segsum = lambda v: jax.ops.segment_sum(v, tid, num, indices_are_sorted=True)
+    # One scatter for both maxima.
+    segmax = lambda v: jax.ops.segment_max(v, tid, num, indices_are_sorted=True)
+    per_block = lambda v: v[tid]
     mean_b, m2_b, m3_b, m4_b = (stats[:, k] for k in (MEAN, M2, M3, M4))
     absmax, scale = segmax(stats[:, ABSMAX:SCALE + 1]).T  # both >= 0: 0 is a safe identity
     inv = 1.0 / jnp.where(scale > 0, scale, 1.0)

@@ -3,6 +3,9 @@
 ``train.py`` only parses flags and calls :func:`train_and_evaluate`; tests call it directly.
 """
 
+from kure_jax.training import loop as _loop
+from kure_jax.training import step as _step
+from kure_jax.training._deprecations import deprecated_getattr as _deprecated_getattr
 from kure_jax.training.build import build_model as build_model
 from kure_jax.training.build import qat_config as qat_config
 from kure_jax.training.build import step_config as step_config
@@ -11,7 +14,6 @@ from kure_jax.training.checkpoint import restore_for_eval as restore_for_eval
 from kure_jax.training.config import validate_config as validate_config
 from kure_jax.training.loop import NonFiniteLossError as NonFiniteLossError
 from kure_jax.training.loop import TrainResult as TrainResult
-from kure_jax.training.loop import evaluate as evaluate
 from kure_jax.training.loop import train_and_evaluate as train_and_evaluate
 from kure_jax.training.metrics import MetricsWriter as MetricsWriter
 from kure_jax.training.optim import make_optimizer as make_optimizer
@@ -23,7 +25,7 @@ from kure_jax.training.state import TrainState as TrainState
 from kure_jax.training.state import create_train_state as create_train_state
 from kure_jax.training.step import StepConfig as StepConfig
 from kure_jax.training.step import cross_entropy as cross_entropy
-from kure_jax.training.step import make_eval_step as make_eval_step
+from kure_jax.training.step import make_state_eval_step as make_state_eval_step
 from kure_jax.training.step import make_train_step as make_train_step
 
 __all__ = [
@@ -38,11 +40,10 @@ __all__ = [
     "build_model",
     "create_train_state",
     "cross_entropy",
-    "evaluate",
-    "make_eval_step",
     "make_optimizer",
     "make_parallel",
     "make_schedule",
+    "make_state_eval_step",
     "make_train_step",
     "qat_config",
     "restore_for_eval",
@@ -50,3 +51,17 @@ __all__ = [
     "train_and_evaluate",
     "validate_config",
 ]
+
+# Renamed (2026-12): the names collided with kure_jax.evaluation's evaluate / make_eval_step.
+__getattr__ = _deprecated_getattr(__name__, {
+    "evaluate": (
+        "kure_jax.training.evaluate is deprecated: train_and_evaluate evaluates during training; "
+        "to evaluate a model use kure_jax.evaluation.evaluate.",
+        _loop._evaluate,
+    ),
+    "make_eval_step": (
+        "kure_jax.training.make_eval_step is deprecated: use make_state_eval_step "
+        "(kure_jax.evaluation.make_eval_step is the evaluation engine's step).",
+        _step.make_state_eval_step,
+    ),
+})

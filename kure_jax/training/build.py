@@ -10,8 +10,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from kure_jax import QATConfig, paper_selection
 from kure_jax.models import get_model
-from kure_jax.selection import LeafPredicate, paper_selection
+from kure_jax.selection import LeafPredicate
 from kure_jax.training.step import StepConfig
 
 __all__ = ["build_model", "kure_selection", "qat_config", "step_config"]
@@ -46,8 +47,10 @@ def build_model(config: ml_collections.ConfigDict, *, axis_name: str | None) -> 
     )
 
 
-def qat_config(config: ml_collections.ConfigDict, *, kernel_impl: str | None = None) -> Any:
-    """A ``kure_jax.qat.QATConfig`` from ``config.qat`` if ``enabled``, else ``None``.
+def qat_config(
+    config: ml_collections.ConfigDict, *, kernel_impl: str | None = None
+) -> QATConfig | None:
+    """A :class:`kure_jax.QATConfig` from ``config.qat`` if ``enabled``, else ``None``.
 
     Every field of ``config.qat`` except ``enabled`` is passed to ``QATConfig``, which
     validates them (ValueError with the allowed values). ``kernel_impl``, if given, replaces
@@ -57,8 +60,6 @@ def qat_config(config: ml_collections.ConfigDict, *, kernel_impl: str | None = N
     """
     if not config.qat.enabled:
         return None
-    from kure_jax.qat import QATConfig  # only QAT runs need it
-
     fields = {k: v for k, v in config.qat.to_dict().items() if k != "enabled"}
     if kernel_impl is not None:
         fields["kernel_impl"] = kernel_impl

@@ -13,26 +13,18 @@ facts about the run that the config does not state (image shape, steps per epoch
 
 from __future__ import annotations
 
-import contextlib
-import os
 import pathlib
-import sys
-import tempfile
-import time
-from collections.abc import Iterator
 from typing import Any
 
+import flax.linen as nn
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
 from kure_jax._interrupts import interrupts_deferred
+from kure_jax.training._orbax_noise import drop_closed_loop_callbacks
 from kure_jax.training.build import build_model
 from kure_jax.training.config import config_from_json
-
-# See _stderr_dropped_on_error: after a failed restore, wait until nothing has been written for
-# _QUIET_S (the native threads have finished their reads), but at most _MAX_WAIT_S.
-_QUIET_S, _MAX_WAIT_S = 0.4, 5.0
 
 __all__ = ["BEST_DIR", "LATEST_DIR", "Checkpoints", "restore_for_eval"]
 
@@ -135,6 +127,7 @@ class Checkpoints:
 
     def restore(self, step: int, abstract_tree: PyTree) -> PyTree:
         """Restores the ``state`` item of ``step`` as ``abstract_tree``'s shapes and shardings."""
+        drop_closed_loop_callbacks()  # a damaged checkpoint: see kure_jax/training/_orbax_noise.py
         restored = self.latest.restore(
             step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_tree))
         )
@@ -208,49 +201,9 @@ def _restore_state_and_config(directory: pathlib.Path, step: int) -> dict[str, A
     return restored
 
 
-@contextlib.contextmanager
-def _stderr_dropped_on_error() -> Iterator[None]:
-    """Holds back what is written to file descriptor 2 inside; drops it if an error escapes.
-
-    A failed TensorStore read makes its native threads print "Event loop is closed" tracebacks
-    of Orbax's closed asyncio loop straight to fd 2 (not through ``sys.excepthook``). The error
-    that escapes already names the cause; on success the held-back output is written out.
-    """
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as held:
-        os.dup2(held.fileno(), 2)
-        try:
-            yield
-        except BaseException:
-            failed = True
-            _wait_until_quiet(held)
-            raise
-        else:
-            failed = False
-        finally:
-            sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-            if not failed:
-                held.seek(0)
-                sys.stderr.write(held.read().decode(errors="replace"))
-
-
-def _wait_until_quiet(held) -> None:
-    """Returns once ``held`` (a file) has not grown for ``_QUIET_S``, or after ``_MAX_WAIT_S``."""
-    deadline = time.monotonic() + _MAX_WAIT_S
-    size, quiet_since = os.fstat(held.fileno()).st_size, time.monotonic()
-    while time.monotonic() < deadline and time.monotonic() - quiet_since < _QUIET_S:
-        time.sleep(0.05)
-        new_size = os.fstat(held.fileno()).st_size
-        if new_size != size:
-            size, quiet_since = new_size, time.monotonic()
-
-
 def restore_for_eval(
     path: str | pathlib.Path, *, which: str = "best"
-) -> tuple[ml_collections.ConfigDict, Any, dict[str, PyTree]]:
+) -> tuple[ml_collections.ConfigDict, nn.Module, dict[str, PyTree]]:
     """Rebuilds a trained model from a checkpoint, without the original flags.
 
     Args:
@@ -263,20 +216,20 @@ def restore_for_eval(
       ``(config, model, variables)``: the training config, the unbound Flax model
       (built for single-device use, no ``bn_axis_name``) and its variables
       ``{"params", "batch_stats"[, "quant"]}`` on the default device. With
-      ``config.qat.enabled`` apply them with ``kure_jax.qat.quantized_apply``.
+      ``config.qat.enabled`` apply them with :func:`kure_jax.quantized_apply`.
 
     Raises:
       ValueError: for an unknown ``which``.
       FileNotFoundError: if no checkpoint is found under ``path``.
-      Exception: Orbax/TensorStore errors of a damaged checkpoint, as raised by them. What their
-        native threads write to stderr during a failed restore is dropped (see
-        ``_stderr_dropped_on_error``); the error names the cause.
+      Exception: Orbax/TensorStore errors of a damaged checkpoint, as raised by them; the
+        "Event loop is closed" tracebacks their threads leave behind are dropped (see
+        ``kure_jax/training/_orbax_noise.py``).
     """
     if which not in ("best", "latest"):
         raise ValueError(f"which must be 'best' or 'latest'; got {which!r}.")
+    drop_closed_loop_callbacks()
     directory, step = _resolve(pathlib.Path(path).absolute(), which)
-    with _stderr_dropped_on_error():
-        restored = _restore_state_and_config(directory, step)
+    restored = _restore_state_and_config(directory, step)
     config = config_from_json(restored["config"])
     state = restored["state"]
     variables = {"params": state["params"], "batch_stats": state["batch_stats"]}

@@ -12,9 +12,10 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from kure_jax import kurtosis_report
 from kure_jax._interrupts import interrupts_deferred
-from kure_jax.data.pipeline import Dataset, get_dataset
-from kure_jax.kurtosis import kurtosis_report
+from kure_jax.data import Dataset, get_dataset
+from kure_jax.training._deprecations import deprecated_getattr
 from kure_jax.training.build import build_model, qat_config, step_config
 from kure_jax.training.checkpoint import Checkpoints, restore_for_eval
 from kure_jax.training.config import config_to_json, every_steps, total_steps, validate_config
@@ -22,9 +23,9 @@ from kure_jax.training.metrics import MetricsWriter, Progress, format_metrics, m
 from kure_jax.training.optim import make_optimizer, make_schedule
 from kure_jax.training.parallel import Parallel, make_parallel
 from kure_jax.training.state import TrainState, create_train_state, state_from_tree, state_to_tree
-from kure_jax.training.step import StepConfig, make_eval_step, make_train_step
+from kure_jax.training.step import StepConfig, make_state_eval_step, make_train_step
 
-__all__ = ["NonFiniteLossError", "TrainResult", "evaluate", "train_and_evaluate"]
+__all__ = ["NonFiniteLossError", "TrainResult", "train_and_evaluate"]
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -58,7 +59,7 @@ class TrainResult(NamedTuple):
     eval_metrics: dict[str, Any]
 
 
-def evaluate(
+def _evaluate(
     eval_step: Callable[[TrainState, Any], dict[str, jax.Array]],
     state: TrainState,
     dataset: Dataset,
@@ -68,7 +69,7 @@ def evaluate(
     """Accuracy and mean cross-entropy over the whole evaluation split.
 
     Args:
-      eval_step: ``parallel.compile_eval_step(make_eval_step(...))``.
+      eval_step: ``parallel.compile_eval_step(make_state_eval_step(...))``.
       state: the state as placed by ``parallel``.
       dataset: the dataset; its eval batches are placed by ``parallel``.
       parallel: the data-parallel strategy.
@@ -225,7 +226,7 @@ def train_and_evaluate(
     state = parallel.place_state(state)
 
     train_step = parallel.compile_train_step(make_train_step(model, spec))
-    eval_step = parallel.compile_eval_step(make_eval_step(model, spec))
+    eval_step = parallel.compile_eval_step(make_state_eval_step(model, spec))
     writer = MetricsWriter(workdir, enabled=is_chief)
     progress = Progress(start_step, num_steps, enabled=is_chief)
     batches = dataset.train_batches(
@@ -243,7 +244,7 @@ def train_and_evaluate(
         )
 
     def run_eval() -> dict[str, Any]:
-        metrics = evaluate(eval_step, state, dataset, parallel, config.eval_batch_size)
+        metrics = _evaluate(eval_step, state, dataset, parallel, config.eval_batch_size)
         metrics["kurtosis"] = _layer_kurtosis(parallel.canonical_state(state), spec)
         return metrics
 
@@ -303,3 +304,12 @@ def train_and_evaluate(
         writer.close()
         checkpoints.close()
     return TrainResult(parallel.canonical_state(state), eval_metrics)
+
+
+__getattr__ = deprecated_getattr(__name__, {
+    "evaluate": (
+        "kure_jax.training.loop.evaluate is deprecated: train_and_evaluate evaluates during "
+        "training; to evaluate a model use kure_jax.evaluation.evaluate.",
+        _evaluate,
+    ),
+})

@@ -12,6 +12,8 @@ import optax
 from flax import struct
 from jax.typing import ArrayLike
 
+from kure_jax import QATConfig, init_quant_from_params
+
 __all__ = ["TrainState", "create_train_state", "state_from_tree", "state_to_tree"]
 
 PyTree = Any
@@ -73,7 +75,7 @@ def create_train_state(
     rng: jax.Array,
     input_shape: Sequence[int],
     tx: optax.GradientTransformation,
-    qat: Any = None,
+    qat: QATConfig | None = None,
     sample_images: ArrayLike | None = None,
     pretrained: PyTree | None = None,
 ) -> TrainState:
@@ -84,8 +86,8 @@ def create_train_state(
       rng: a ``jax.random.key``; split into the init key and :attr:`TrainState.rng`.
       input_shape: ``(height, width, channels)`` of one image.
       tx: the optimizer, applied to ``{"params": ..., "quant": ...}``.
-      qat: a ``kure_jax.qat.QATConfig``, or ``None`` for a float model. Its learned
-        quantizer steps/clips are initialised by ``kure_jax.qat.init_quant_from_params``
+      qat: a :class:`kure_jax.QATConfig`, or ``None`` for a float model. Its learned
+        quantizer steps/clips are initialised by :func:`kure_jax.init_quant_from_params`
         from ``sample_images`` (eagerly: their signedness must be concrete).
       sample_images: a representative float batch ``(n, *input_shape)``; required with a
         ``qat`` that has learned quantizers. Use the same batch on every process.
@@ -109,8 +111,6 @@ def create_train_state(
         for name in ("params", "batch_stats"):
             variables[name] = _matching(name, variables.get(name, {}), pretrained.get(name, {}))
     if qat is not None and qat.has_learned_state:
-        from kure_jax.qat import init_quant_from_params  # only QAT runs need it
-
         if sample_images is None:
             raise ValueError(
                 f"QAT config {qat.name} learns quantizer steps, initialised from data: pass "

@@ -24,16 +24,17 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from kure_jax import kernels
-from kure_jax.kurtosis import REDUCTIONS, UNIFORM_KURTOSIS, reduce_penalty_terms
-from kure_jax.selection import LeafPredicate, select
+from kure_jax import REDUCTIONS, UNIFORM_KURTOSIS, QATConfig, kernels, quantized_apply, select
+from kure_jax.kurtosis import reduce_penalty_terms
+from kure_jax.selection import LeafPredicate
+from kure_jax.training._deprecations import deprecated_getattr
 from kure_jax.training.state import TrainState
 
-__all__ = ["StepConfig", "cross_entropy", "make_eval_step", "make_train_step"]
+__all__ = ["StepConfig", "cross_entropy", "make_state_eval_step", "make_train_step"]
 
 PyTree = Any
 Batch = dict[str, jax.Array]
-Metrics = dict[str, jax.Array]
+StepMetrics = dict[str, jax.Array]  # scalar metrics (train) or sums (eval) of one step
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -54,7 +55,7 @@ class StepConfig:
         kernel on the backends in ``kure_jax.kernels.AUTO_PALLAS_BACKENDS``, else jnp). Unlike
         ``kernels.penalty(impl=None)`` it never reads the ``KURE_JAX_KERNELS`` variable.
       label_smoothing: ``epsilon`` in the formula above, in ``[0, 1)``.
-      qat: a ``kure_jax.qat.QATConfig`` to train with fake-quantised weights and
+      qat: a :class:`kure_jax.QATConfig` to train with fake-quantised weights and
         activations, or ``None``.
       axis_name: the ``pmap`` axis to average over, or ``None`` under ``jit``.
 
@@ -70,7 +71,7 @@ class StepConfig:
     kure_reduction: str = "mean"
     penalty_impl: str = "auto"
     label_smoothing: float = 0.0
-    qat: Any = None
+    qat: QATConfig | None = None
     axis_name: str | None = None
 
     def __post_init__(self) -> None:
@@ -110,15 +111,19 @@ def cross_entropy(
 
 
 def _apply(
-    model: nn.Module, variables: PyTree, images: jax.Array, *, qat: Any, train: bool, rng: Any
+    model: nn.Module,
+    variables: PyTree,
+    images: jax.Array,
+    *,
+    qat: QATConfig | None,
+    train: bool,
+    rng: jax.Array | None,
 ) -> Any:
     kwargs: dict[str, Any] = {"train": train}
     if train:
         kwargs.update(mutable=["batch_stats"], rngs={"dropout": rng})
     if qat is None:
         return model.apply(variables, images, **kwargs)
-    from kure_jax.qat import quantized_apply  # only QAT runs need it
-
     return quantized_apply(model, variables, images, qat=qat, **kwargs)
 
 
@@ -139,7 +144,7 @@ def _selected_kurtosis(params: PyTree, spec: StepConfig) -> jax.Array:
 
 def make_train_step(
     model: nn.Module, spec: StepConfig
-) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
+) -> Callable[[TrainState, Batch], tuple[TrainState, StepMetrics]]:
     """Builds ``train_step(state, batch) -> (state, metrics)``, a pure function.
 
     Args:
@@ -182,7 +187,7 @@ def make_train_step(
         aux = {"ce": ce, "kure": kure, "accuracy": jnp.mean(correct.astype(jnp.float32))}
         return loss, (aux, kurt, updates.get("batch_stats", {}))
 
-    def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+    def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, StepMetrics]:
         rng = jax.random.fold_in(state.rng, state.step)
         if spec.axis_name is not None:  # distinct dropout masks per device, as under jit
             rng = jax.random.fold_in(rng, jax.lax.axis_index(spec.axis_name))
@@ -211,8 +216,14 @@ def make_train_step(
     return train_step
 
 
-def make_eval_step(model: nn.Module, spec: StepConfig) -> Callable[[TrainState, Batch], Metrics]:
-    """Builds ``eval_step(state, batch) -> sums``, a pure function.
+def make_state_eval_step(
+    model: nn.Module, spec: StepConfig
+) -> Callable[[TrainState, Batch], StepMetrics]:
+    """Builds ``eval_step(state, batch) -> sums`` on a :class:`TrainState`, a pure function.
+
+    The training loop's counterpart of :func:`make_train_step` (same batches, same
+    ``spec.axis_name``). To evaluate variables outside a training run, e.g. quantised ones, use
+    :func:`kure_jax.evaluation.make_eval_step` and :func:`kure_jax.evaluation.evaluate`.
 
     Args:
       model: the Flax classifier (BatchNorm uses its running averages).
@@ -224,7 +235,7 @@ def make_eval_step(model: nn.Module, spec: StepConfig) -> Callable[[TrainState, 
       ``count``; under ``pmap`` summed over devices.
     """
 
-    def eval_step(state: TrainState, batch: Batch) -> Metrics:
+    def eval_step(state: TrainState, batch: Batch) -> StepMetrics:
         logits = _apply(model, state.variables, batch["image"], qat=spec.qat, train=False, rng=None)
         mask = batch["mask"].astype(jnp.float32)
         ce = cross_entropy(logits, batch["label"], num_classes=spec.num_classes)
@@ -239,3 +250,12 @@ def make_eval_step(model: nn.Module, spec: StepConfig) -> Callable[[TrainState, 
         return sums
 
     return eval_step
+
+
+__getattr__ = deprecated_getattr(__name__, {
+    "make_eval_step": (
+        "kure_jax.training.step.make_eval_step is deprecated: use make_state_eval_step (the "
+        "name kure_jax.evaluation.make_eval_step stays for the evaluation engine's step).",
+        make_state_eval_step,
+    ),
+})

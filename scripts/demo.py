@@ -1,12 +1,14 @@
 """``make demo``: train the mnist5k baseline and KURE models, sweep both, print the comparison.
 
-    python -m kure_jax.evaluation.demo                        # 1 seed: 2-6 min on 2 CPU cores
-    python -m kure_jax.evaluation.demo --seeds 3 --qat --dorefa --ablation  # docs/results.md
+    python scripts/demo.py                                    # 1 seed: 2-6 min on 2 CPU cores
+    python scripts/demo.py --seeds 3 --qat --dorefa --ablation  # docs/results.md
 
 Trains each recipe with ``kure_jax.training.train_and_evaluate`` into ``WORKDIR/<recipe>_s<seed>``
 (an existing finished run is reused: training resumes from its last checkpoint), runs the sweep
 (``configs/sweeps/default.py``) over all of them with ``run_sweep`` into ``WORKDIR/eval``, then
 prints the summary table (means over seeds) and checks the issue's claims for KURE vs baseline.
+A program, not part of the library: it uses only public ``kure_jax.training`` and
+``kure_jax.evaluation`` functions (``tests/test_kure_demo.py`` runs it on tiny configs).
 
 Recipes (group names in the report):
 
@@ -33,11 +35,12 @@ from typing import Any
 
 import numpy as np
 
-from kure_jax.evaluation.report import summary_table
-from kure_jax.evaluation.runner import run_sweep
-from kure_jax.evaluation.spec import load_sweep
+from kure_jax.evaluation import load_sweep, run_sweep, summary_table
+from kure_jax.training import train_and_evaluate
 
-__all__ = ["RECIPES", "claims", "claims_markdown", "main"]
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # the config files import their shared base (`configs.base`)
+    sys.path.insert(0, str(ROOT))
 
 _DOREFA = {"qat.weight_quantizer": "dorefa", "qat.act_quantizer": "dorefa",
            "model_options.hidden_norm": True}
@@ -136,8 +139,6 @@ def _config(config_path: pathlib.Path, overrides: Mapping[str, Any], seed: int):
 
 def _train(config_path: pathlib.Path, overrides: Mapping[str, Any], seed: int,
            workdir: pathlib.Path) -> float:
-    from kure_jax.training import train_and_evaluate
-
     config = _config(config_path, overrides, seed)
     return train_and_evaluate(config, workdir).eval_metrics["accuracy"]
 
@@ -149,7 +150,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--qat", action="store_true", help="add the W4A4 QAT pair")
     parser.add_argument("--dorefa", action="store_true", help="add the W4A4 DoReFa QAT pair")
     parser.add_argument("--ablation", action="store_true", help="add K_T = 3 and 4")
-    parser.add_argument("--configs", default="configs", help="directory of the configs")
+    parser.add_argument("--configs", default=str(ROOT / "configs"),
+                        help="directory of the configs (default: the repository's)")
     parser.add_argument("--sweep", default=None, help="sweep file (default: default.py)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)

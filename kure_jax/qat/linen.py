@@ -43,155 +43,132 @@ References:
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
-from kure_jax import quant
-from kure_jax._qat_layer import QUANT_COLLECTION, call_order, is_quantizable, quantized_call
-from kure_jax.kernels import IMPLS as KERNEL_IMPLS
-from kure_jax.quant import MAX_BITS, MIN_BITS
-
-QUANTIZERS: tuple[str, ...] = ("lsq", "dorefa", "learned_clip", "max")
-LEARNED_QUANTIZERS: tuple[str, ...] = ("lsq", "learned_clip")
+from kure_jax.qat.config import QUANT_COLLECTION, QATConfig, check_qat
+from kure_jax.qat.layer import (
+    input_signedness,
+    input_variable_names,
+    missing_message,
+    quantize_input,
+    quantize_kernel,
+)
 
 __all__ = [
-    "LEARNED_QUANTIZERS",
-    "QUANTIZERS",
-    "QUANT_COLLECTION",
-    "QATConfig",
+    "QUANTIZABLE_LAYERS",
+    "call_order",
     "init_quant_from_params",
     "is_quantizable",
     "quantized_apply",
     "quantized_init",
 ]
 
+# Layers whose ``__call__`` reads ``kernel`` and then calls ``self.promote_dtype(inputs, kernel,
+# bias, dtype=...)``; subclasses are included.
+QUANTIZABLE_LAYERS: tuple[type[nn.Module], ...] = (nn.Conv, nn.Dense, nn.ConvTranspose)
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class QATConfig:
-    """What quantization-aware training fake-quantises, and how (frozen, hashable, validated).
+_T = TypeVar("_T")
 
-    Attributes:
-      weight_bits: bit width of conv/dense kernels in [2, 16]; ``None`` keeps them float.
-      act_bits: bit width of conv/dense inputs in [2, 16]; ``None`` keeps them float.
-      weight_quantizer: kernel quantizer, one of ``QUANTIZERS``:
 
-        * ``"lsq"``: Esser et al.'s learned step ``s`` (``kure_jax.quant.fake_quant``, signed
-          codes ``-2^(b-1) .. 2^(b-1) - 1``), initialised to ``2 mean|w| / sqrt(Q_p)``.
-        * ``"dorefa"``: ``kure_jax.qat_ops.dorefa_weight`` (tanh-normalised to [-1, 1]).
-          Scale-free: the float scale of the kernel is lost, so follow every DoReFa layer
-          with a normalisation (BatchNorm), as DoReFa-Net and ResNets do; a quantised dense
-          layer without one (e.g. ``small_cnn``'s ``hidden`` unless ``hidden_norm=True``)
-          outputs ~``1 / max|tanh(w)|`` times its float values and training collapses.
-        * ``"learned_clip"``: the KURE reference's "LSQ": a learned clip ``alpha`` per tensor
-          (``kure_jax.qat_ops.learned_clip_quant``), initialised to ``max|w|``.
-        * ``"max"``: step ``max|w| / (2^(b-1) - 1)`` recomputed from the current kernel at every
-          call, no learned state; straight-through gradient, no gradient through the step.
+def is_quantizable(module: nn.Module) -> bool:
+    """Whether ``module`` is a conv/dense layer that ``kure_jax.qat`` fake-quantises."""
+    return isinstance(module, QUANTIZABLE_LAYERS)
 
-      act_quantizer: input quantizer, one of ``QUANTIZERS``:
 
-        * ``"lsq"``: learned step, initialised to ``2 mean|x| / sqrt(Q_p)`` on the init batch.
-        * ``"dorefa"``: ``kure_jax.qat_ops.dorefa_activation``: clamp to [0, 1], ``2^b - 1`` levels
-          (negative inputs become 0, as in DoReFa-Net).
-        * ``"learned_clip"``: learned clip ``alpha``, initialised to ``max|x|`` of the init batch,
-          so that nothing is clipped at the start.
-        * ``"max"``: step from ``max|x|`` of the current tensor at every call (no learned state);
-          unsigned codes ``0 .. 2^b - 1`` when the tensor has no negative entry, else signed.
+def call_order(thunk: Callable[[], Any]) -> list[tuple[tuple[str, ...], type[nn.Module]]]:
+    """``(path, type)`` of every quantisable layer call made by ``thunk``, in call order.
 
-        The learned quantizers are unsigned or signed per layer as their init batch says (see the
-        module docstring).
-      keep_first_float: the first quantisable layer called in the forward pass keeps a float
-        kernel and a float input (KURE and most QAT papers keep the stem conv in full precision).
-      keep_last_float: the last ``nn.Dense`` called (the classifier) stays float. A model with no
-        ``nn.Dense`` is not affected.
-      lsq_grad_scale: scale the LSQ step gradients by ``1 / sqrt(N Q_p)`` (Esser et al.); used by
-        ``"lsq"`` only.
-      kernel_impl: how the quantizers with a fused kernel run (``"lsq"`` kernels and inputs,
-        ``"max"`` kernels), one of ``kure_jax.kernels.IMPLS``:
+    ``thunk`` (a ``model.init``/``model.apply`` call) is only traced for shapes
+    (``jax.eval_shape``): nothing is computed and no variable changes. Works inside ``jit``.
+    """
+    calls = []
 
-        * ``"jnp"`` (default): ``kure_jax.quant.fake_quant``, which XLA fuses with the ops
-          around it. Inside a training step that fusion may be worth more than the kernels'
-          standalone gain, and a step with the kernels has not been timed yet (BENCHMARKS.md).
-        * ``"pallas"``: the fused Pallas kernels of ``kure_jax.kernels.fake_quant`` (same values
-          and gradients; off GPU/TPU they run in the Pallas interpreter, slowly).
-        * ``"auto"``: the kernels where ``kure_jax.kernels`` measured them faster than XLA on
-          their own (16-bit tensors on GPU), the jnp path elsewhere.
+    def record(next_fun, args, kwargs, context):
+        if context.method_name == "__call__" and is_quantizable(context.module):
+            calls.append((tuple(context.module.path), type(context.module)))
+        return next_fun(*args, **kwargs)
 
-        ``"dorefa"``, ``"learned_clip"`` and the ``"max"`` input quantizer (whose zero point
-        follows the tensor's sign) have no kernel and always run in jnp.
+    with nn.intercept_methods(record):
+        # Return nothing: the model's outputs need not be arrays.
+        jax.eval_shape(lambda: (thunk(), None)[1])
+    return calls
+
+
+def quantized_call(module: nn.Module, qat: QATConfig, call: Callable[[], _T]) -> _T:
+    """Runs ``call()`` (the layer's ``__call__``) with its inputs and kernel fake-quantised.
+
+    For the duration of the call the layer's ``promote_dtype`` field is swapped for a function
+    that quantises ``(inputs, kernel)`` and then runs the original ``promote_dtype``; the layer's
+    own code does the rest, so every conv/dense option keeps its float meaning.
 
     Raises:
-      ValueError: on construction (or ``dataclasses.replace``) for bits outside [2, 16] (or not an
-        int), an unknown quantizer name (the message lists ``QUANTIZERS``), an unknown
-        ``kernel_impl`` or a non-bool flag.
-
-    >>> QATConfig(weight_bits=4, act_bits=None, weight_quantizer="dorefa").name
-    'w4-dorefa/a-float'
+      ValueError: if the layer never called ``promote_dtype`` (a subclass with its own
+        ``__call__``), so nothing could be quantised.
     """
+    original = module.promote_dtype
+    state = _LinenState(module, qat)
+    used = []
 
-    weight_bits: int | None = 4
-    act_bits: int | None = 4
-    weight_quantizer: str = "lsq"
-    act_quantizer: str = "lsq"
-    keep_first_float: bool = True
-    keep_last_float: bool = True
-    lsq_grad_scale: bool = True
-    kernel_impl: str = "jnp"
+    def promote(inputs, kernel, *rest, **kwargs):
+        used.append(True)
+        if qat.act_bits is not None:
+            inputs = quantize_input(qat, jnp.asarray(inputs), state)
+        if qat.weight_bits is not None:
+            kernel = quantize_kernel(qat, jnp.asarray(kernel), state)
+        return original(inputs, kernel, *rest, **kwargs)
 
-    def __post_init__(self) -> None:
-        for field in ("weight_bits", "act_bits"):
-            bits = getattr(self, field)
-            if bits is None:
-                continue
-            try:
-                object.__setattr__(self, field, quant.validate_bits(bits))
-            except ValueError:
-                raise ValueError(
-                    f"QATConfig.{field} must be None (float) or an int in "
-                    f"[{MIN_BITS}, {MAX_BITS}]; got {bits!r}."
-                ) from None
-        for field in ("weight_quantizer", "act_quantizer"):
-            name = getattr(self, field)
-            if not isinstance(name, str) or name not in QUANTIZERS:
-                raise ValueError(
-                    f"QATConfig.{field} must be one of {QUANTIZERS}; got {name!r}."
-                )
-        if not isinstance(self.kernel_impl, str) or self.kernel_impl not in KERNEL_IMPLS:
-            raise ValueError(
-                f"QATConfig.kernel_impl must be one of {KERNEL_IMPLS}; got {self.kernel_impl!r}."
-            )
-        for field in ("keep_first_float", "keep_last_float", "lsq_grad_scale"):
-            if not isinstance(getattr(self, field), bool):
-                raise ValueError(
-                    f"QATConfig.{field} must be True or False; got {getattr(self, field)!r}."
-                )
-
-    @property
-    def quantizes(self) -> bool:
-        """Whether anything is quantised (False when both bit widths are ``None``)."""
-        return self.weight_bits is not None or self.act_bits is not None
-
-    @property
-    def has_learned_state(self) -> bool:
-        """Whether some quantizer keeps learned parameters in the ``"quant"`` collection."""
-        return (self.weight_bits is not None and self.weight_quantizer in LEARNED_QUANTIZERS) or (
-            self.act_bits is not None and self.act_quantizer in LEARNED_QUANTIZERS
+    # Module fields are frozen; flax itself sets attributes this way. Restored in all cases.
+    object.__setattr__(module, "promote_dtype", promote)
+    try:
+        out = call()
+    finally:
+        object.__setattr__(module, "promote_dtype", original)
+    if not used:
+        raise ValueError(
+            f"Layer {_layer_name(module)} ({type(module).__name__}) did not pass its kernel "
+            "through `self.promote_dtype`, so it cannot be fake-quantised; use a flax.linen "
+            f"layer among {[c.__name__ for c in QUANTIZABLE_LAYERS]} or a subclass that keeps "
+            "their __call__."
         )
-
-    @property
-    def name(self) -> str:
-        """Short label, e.g. ``'w4-lsq/a4-lsq'``; ``'float'`` when nothing is quantised."""
-        w = f"w{self.weight_bits}-{self.weight_quantizer}" if self.weight_bits else "w-float"
-        a = f"a{self.act_bits}-{self.act_quantizer}" if self.act_bits else "a-float"
-        return "float" if not self.quantizes else f"{w}/{a}"
+    return out
 
 
-def _check_qat(qat: QATConfig) -> None:
-    if not isinstance(qat, QATConfig):
-        raise ValueError(f"qat must be a QATConfig; got {type(qat).__name__}: {qat!r}.")
+class _LinenState:
+    """:class:`~kure_jax.qat.layer.QuantizerState` over a Linen module's ``"quant"`` variables."""
+
+    def __init__(self, module: nn.Module, qat: QATConfig):
+        self.module, self.qat = module, qat
+
+    def get(self, name: str, init_fn: Callable[[], jax.Array]) -> jax.Array:
+        module = self.module
+        if not (module.has_variable(QUANT_COLLECTION, name)
+                or module.is_mutable_collection(QUANT_COLLECTION)):
+            raise ValueError(missing_message(self.qat, _layer_name(module), (name,)))
+        return module.variable(QUANT_COLLECTION, name, init_fn).value
+
+    def get_input(
+        self, name: str, x: jax.Array, init_fn: Callable[[bool], jax.Array]
+    ) -> tuple[bool, jax.Array]:
+        module = self.module
+        names = input_variable_names(name)
+        for var_name, signed in names:
+            if module.has_variable(QUANT_COLLECTION, var_name):
+                return signed, module.get_variable(QUANT_COLLECTION, var_name)
+        if not module.is_mutable_collection(QUANT_COLLECTION):
+            raise ValueError(missing_message(self.qat, _layer_name(module),
+                                             tuple(n for n, _ in names)))
+        signed = input_signedness(name, _layer_name(module), x)
+        var_name = names[0][0] if signed else names[1][0]
+        return signed, module.variable(QUANT_COLLECTION, var_name, init_fn, signed).value
+
+
+def _layer_name(module: nn.Module) -> str:
+    return "/".join(module.path) or "<root>"
 
 
 def quantized_init(
@@ -223,7 +200,7 @@ def quantized_init(
         traced: their sign must be concrete, so run ``quantized_init`` outside ``jit``) or all
         zero (a dummy ``jnp.zeros`` batch gives no step size).
     """
-    _check_qat(qat)
+    check_qat(qat)
     if not qat.quantizes:
         variables = dict(model.init(rngs, *args, **kwargs))
     else:
@@ -266,7 +243,7 @@ def quantized_apply(
       ValueError: if ``qat`` needs learned quantizer state that ``variables["quant"]`` lacks
         (the message names the layer and variable).
     """
-    _check_qat(qat)
+    check_qat(qat)
     if not qat.quantizes:
         return model.apply(variables, *args, **kwargs)
     if qat.has_learned_state and QUANT_COLLECTION not in variables and not _mutable_quant(kwargs):
@@ -312,7 +289,7 @@ def init_quant_from_params(
     """
     if "mutable" in kwargs:
         raise ValueError("init_quant_from_params sets `mutable` itself; do not pass it.")
-    _check_qat(qat)
+    check_qat(qat)
     if not qat.has_learned_state:
         return {}
     float_vars = {k: v for k, v in variables.items() if k != QUANT_COLLECTION}

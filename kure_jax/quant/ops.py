@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
+from kure_jax._arrays import check_broadcastable, check_positive, sum_to_shape
 from kure_jax._axes import canonical_axes
 
 ROUNDING_MODES: tuple[str, ...] = ("nearest", "nearest_away", "stochastic", "floor")
@@ -216,9 +217,9 @@ def fake_quant(
         x = x.astype(dtype)
     scale = jnp.asarray(scale, dtype)
     zero_point = jnp.asarray(zero_point, dtype)
-    _check_broadcastable("scale", scale.shape, x.shape)
-    _check_broadcastable("zero_point", zero_point.shape, x.shape)
-    _check_positive("scale", scale)
+    check_broadcastable("scale", scale.shape, x.shape)
+    check_broadcastable("zero_point", zero_point.shape, x.shape)
+    check_positive("scale", scale)
     if not isinstance(zero_point, jax.core.Tracer) and not np.all(np.isfinite(zero_point)):
         raise ValueError(f"zero_point must be finite; got {zero_point!r}.")
     noise = _uniform_noise(key, x.shape, dtype, rounding)
@@ -262,34 +263,10 @@ def lsq_init_scale(
     return jnp.maximum(2.0 * mean_abs / math.sqrt(qmax), jnp.finfo(dtype).tiny)
 
 
-def _check_broadcastable(name: str, shape: tuple[int, ...], x_shape: tuple[int, ...]) -> None:
-    """Raises ValueError unless ``shape`` broadcasts to ``x_shape`` without enlarging it."""
-    ok = len(shape) <= len(x_shape) and all(
-        d in (1, xd) for d, xd in zip(shape[::-1], x_shape[::-1], strict=False)
-    )
-    if not ok:
-        raise ValueError(
-            f"{name} of shape {shape} must broadcast to x's shape {x_shape} (scalar, or size 1 "
-            "on every axis except the quantisation channel axes)."
-        )
 
 
-def _check_positive(name: str, value: jax.Array) -> None:
-    """Raises ValueError if a concrete ``value`` has an entry that is not finite and > 0
-    (an infinite step makes every output NaN); tracers pass."""
-    if isinstance(value, jax.core.Tracer):
-        return  # Under jit/vmap the values are unknown at trace time.
-    host = np.asarray(value)
-    bad = host[~(np.isfinite(host) & (host > 0))]
-    if bad.size:
-        raise ValueError(f"{name} must be finite and > 0 everywhere; got {bad.flat[0]!r}.")
 
 
-def _sum_to_shape(t: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-    """Sums ``t`` over the axes that broadcasting added or expanded to reach ``t.shape``."""
-    t = t.sum(axis=tuple(range(t.ndim - len(shape))))
-    axes = tuple(i for i, d in enumerate(shape) if d == 1 and t.shape[i] != 1)
-    return t.sum(axis=axes, keepdims=True) if axes else t
 
 
 def _uniform_noise(
@@ -355,8 +332,8 @@ def _fake_quant_bwd(spec, residuals, g):
     # products (not g * ((q - z) - where(inside, v, 0))) so that XLA computes the operand of the
     # reduction in a single fusion from x and g; the values are the same.
     g_dy_ds = jnp.where(inside, g * ((q - zero_point) - v), g * (q - zero_point))
-    g_scale = _sum_to_shape(g_dy_ds, scale.shape) * spec.grad_factor
-    g_zero_point = _sum_to_shape(jnp.where(inside, 0.0, -g * scale), zero_point.shape)
+    g_scale = sum_to_shape(g_dy_ds, scale.shape) * spec.grad_factor
+    g_zero_point = sum_to_shape(jnp.where(inside, 0.0, -g * scale), zero_point.shape)
     g_noise = None if noise is None else jnp.zeros_like(noise)
     return g_x, g_scale.astype(scale.dtype), g_zero_point.astype(zero_point.dtype), g_noise
 

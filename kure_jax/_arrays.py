@@ -1,0 +1,38 @@
+"""Shape and value checks shared by the quantizers (:mod:`kure_jax.quant`) and the kernels."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+__all__ = ["check_broadcastable", "check_positive", "sum_to_shape"]
+
+
+def check_broadcastable(name: str, shape: tuple[int, ...], x_shape: tuple[int, ...]) -> None:
+    """Raises ValueError unless ``shape`` broadcasts to ``x_shape`` without enlarging it."""
+    ok = len(shape) <= len(x_shape) and all(
+        d in (1, xd) for d, xd in zip(shape[::-1], x_shape[::-1], strict=False)
+    )
+    if not ok:
+        raise ValueError(
+            f"{name} of shape {shape} must broadcast to x's shape {x_shape} (scalar, or size 1 "
+            "on every axis except the quantisation channel axes)."
+        )
+
+
+def check_positive(name: str, value: jax.Array) -> None:
+    """Raises ValueError if a concrete ``value`` has an entry that is not finite and > 0
+    (an infinite step makes every output NaN); tracers pass."""
+    if isinstance(value, jax.core.Tracer):
+        return  # Under jit/vmap the values are unknown at trace time.
+    host = np.asarray(value)
+    bad = host[~(np.isfinite(host) & (host > 0))]
+    if bad.size:
+        raise ValueError(f"{name} must be finite and > 0 everywhere; got {bad.flat[0]!r}.")
+
+
+def sum_to_shape(t: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """Sums ``t`` over the axes that broadcasting added or expanded to reach ``t.shape``."""
+    t = t.sum(axis=tuple(range(t.ndim - len(shape))))
+    axes = tuple(i for i, d in enumerate(shape) if d == 1 and t.shape[i] != 1)
+    return t.sum(axis=axes, keepdims=True) if axes else t

@@ -1,0 +1,139 @@
+"""``QATConfig``: what quantization-aware training fake-quantises, and how."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from kure_jax.kernels import IMPLS as KERNEL_IMPLS
+from kure_jax.quant.ops import MAX_BITS, MIN_BITS, validate_bits
+
+QUANTIZERS: tuple[str, ...] = ("lsq", "dorefa", "learned_clip", "max")
+LEARNED_QUANTIZERS: tuple[str, ...] = ("lsq", "learned_clip")
+# Name of the variable collection (Linen) / state subtree holding learned steps and clips.
+QUANT_COLLECTION = "quant"
+
+__all__ = ["LEARNED_QUANTIZERS", "QUANTIZERS", "QUANT_COLLECTION", "QATConfig", "check_qat"]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class QATConfig:
+    """What quantization-aware training fake-quantises, and how (frozen, hashable, validated).
+
+    Attributes:
+      weight_bits: bit width of conv/dense kernels in [2, 16]; ``None`` keeps them float.
+      act_bits: bit width of conv/dense inputs in [2, 16]; ``None`` keeps them float.
+      weight_quantizer: kernel quantizer, one of ``QUANTIZERS``:
+
+        * ``"lsq"``: Esser et al.'s learned step ``s`` (``kure_jax.quant.fake_quant``, signed
+          codes ``-2^(b-1) .. 2^(b-1) - 1``), initialised to ``2 mean|w| / sqrt(Q_p)``.
+        * ``"dorefa"``: ``kure_jax.qat_ops.dorefa_weight`` (tanh-normalised to [-1, 1]).
+          Scale-free: the float scale of the kernel is lost, so follow every DoReFa layer
+          with a normalisation (BatchNorm), as DoReFa-Net and ResNets do; a quantised dense
+          layer without one (e.g. ``small_cnn``'s ``hidden`` unless ``hidden_norm=True``)
+          outputs ~``1 / max|tanh(w)|`` times its float values and training collapses.
+        * ``"learned_clip"``: the KURE reference's "LSQ": a learned clip ``alpha`` per tensor
+          (``kure_jax.qat_ops.learned_clip_quant``), initialised to ``max|w|``.
+        * ``"max"``: step ``max|w| / (2^(b-1) - 1)`` recomputed from the current kernel at every
+          call, no learned state; straight-through gradient, no gradient through the step.
+
+      act_quantizer: input quantizer, one of ``QUANTIZERS``:
+
+        * ``"lsq"``: learned step, initialised to ``2 mean|x| / sqrt(Q_p)`` on the init batch.
+        * ``"dorefa"``: ``kure_jax.qat_ops.dorefa_activation``: clamp to [0, 1], ``2^b - 1`` levels
+          (negative inputs become 0, as in DoReFa-Net).
+        * ``"learned_clip"``: learned clip ``alpha``, initialised to ``max|x|`` of the init batch,
+          so that nothing is clipped at the start.
+        * ``"max"``: step from ``max|x|`` of the current tensor at every call (no learned state);
+          unsigned codes ``0 .. 2^b - 1`` when the tensor has no negative entry, else signed.
+
+        The learned quantizers are unsigned or signed per layer as their init batch says (see the
+        module docstring).
+      keep_first_float: the first quantisable layer called in the forward pass keeps a float
+        kernel and a float input (KURE and most QAT papers keep the stem conv in full precision).
+      keep_last_float: the last ``nn.Dense`` called (the classifier) stays float. A model with no
+        ``nn.Dense`` is not affected.
+      lsq_grad_scale: scale the LSQ step gradients by ``1 / sqrt(N Q_p)`` (Esser et al.); used by
+        ``"lsq"`` only.
+      kernel_impl: how the quantizers with a fused kernel run (``"lsq"`` kernels and inputs,
+        ``"max"`` kernels), one of ``kure_jax.kernels.IMPLS``:
+
+        * ``"jnp"`` (default): ``kure_jax.quant.fake_quant``, which XLA fuses with the ops
+          around it. Inside a training step that fusion may be worth more than the kernels'
+          standalone gain, and a step with the kernels has not been timed yet (BENCHMARKS.md).
+        * ``"pallas"``: the fused Pallas kernels of ``kure_jax.kernels.fake_quant`` (same values
+          and gradients; off GPU/TPU they run in the Pallas interpreter, slowly).
+        * ``"auto"``: the kernels where ``kure_jax.kernels`` measured them faster than XLA on
+          their own (16-bit tensors on GPU), the jnp path elsewhere.
+
+        ``"dorefa"``, ``"learned_clip"`` and the ``"max"`` input quantizer (whose zero point
+        follows the tensor's sign) have no kernel and always run in jnp.
+
+    Raises:
+      ValueError: on construction (or ``dataclasses.replace``) for bits outside [2, 16] (or not an
+        int), an unknown quantizer name (the message lists ``QUANTIZERS``), an unknown
+        ``kernel_impl`` or a non-bool flag.
+
+    >>> QATConfig(weight_bits=4, act_bits=None, weight_quantizer="dorefa").name
+    'w4-dorefa/a-float'
+    """
+
+    weight_bits: int | None = 4
+    act_bits: int | None = 4
+    weight_quantizer: str = "lsq"
+    act_quantizer: str = "lsq"
+    keep_first_float: bool = True
+    keep_last_float: bool = True
+    lsq_grad_scale: bool = True
+    kernel_impl: str = "jnp"
+
+    def __post_init__(self) -> None:
+        for field in ("weight_bits", "act_bits"):
+            bits = getattr(self, field)
+            if bits is None:
+                continue
+            try:
+                object.__setattr__(self, field, validate_bits(bits))
+            except ValueError:
+                raise ValueError(
+                    f"QATConfig.{field} must be None (float) or an int in "
+                    f"[{MIN_BITS}, {MAX_BITS}]; got {bits!r}."
+                ) from None
+        for field in ("weight_quantizer", "act_quantizer"):
+            name = getattr(self, field)
+            if not isinstance(name, str) or name not in QUANTIZERS:
+                raise ValueError(
+                    f"QATConfig.{field} must be one of {QUANTIZERS}; got {name!r}."
+                )
+        if not isinstance(self.kernel_impl, str) or self.kernel_impl not in KERNEL_IMPLS:
+            raise ValueError(
+                f"QATConfig.kernel_impl must be one of {KERNEL_IMPLS}; got {self.kernel_impl!r}."
+            )
+        for field in ("keep_first_float", "keep_last_float", "lsq_grad_scale"):
+            if not isinstance(getattr(self, field), bool):
+                raise ValueError(
+                    f"QATConfig.{field} must be True or False; got {getattr(self, field)!r}."
+                )
+
+    @property
+    def quantizes(self) -> bool:
+        """Whether anything is quantised (False when both bit widths are ``None``)."""
+        return self.weight_bits is not None or self.act_bits is not None
+
+    @property
+    def has_learned_state(self) -> bool:
+        """Whether some quantizer keeps learned parameters in the ``"quant"`` collection."""
+        return (self.weight_bits is not None and self.weight_quantizer in LEARNED_QUANTIZERS) or (
+            self.act_bits is not None and self.act_quantizer in LEARNED_QUANTIZERS
+        )
+
+    @property
+    def name(self) -> str:
+        """Short label, e.g. ``'w4-lsq/a4-lsq'``; ``'float'`` when nothing is quantised."""
+        w = f"w{self.weight_bits}-{self.weight_quantizer}" if self.weight_bits else "w-float"
+        a = f"a{self.act_bits}-{self.act_quantizer}" if self.act_bits else "a-float"
+        return "float" if not self.quantizes else f"{w}/{a}"
+
+
+def check_qat(qat: QATConfig) -> None:
+    if not isinstance(qat, QATConfig):
+        raise ValueError(f"qat must be a QATConfig; got {type(qat).__name__}: {qat!r}.")
