@@ -34,6 +34,8 @@ from kure_jax.quant import lsq_init_scale as lsq_init_scale
 from kure_jax.quant import quantize as quantize
 from kure_jax.quant import quantize_params as quantize_params
 from kure_jax.quant import round_values as round_values
+from kure_jax.selection import PAPER_LAYERS as PAPER_LAYERS
+from kure_jax.selection import LayerRule as LayerRule
 from kure_jax.selection import default_selection as default_selection
 from kure_jax.selection import paper_selection as paper_selection
 from kure_jax.selection import path_to_str as path_to_str
@@ -47,12 +49,14 @@ __all__ = [
     "LEARNED_QUANTIZERS",
     "MAX_BITS",
     "MIN_BITS",
+    "PAPER_LAYERS",
     "QUANTIZERS",
     "QUANT_COLLECTION",
     "REDUCTIONS",
     "ROUNDING_MODES",
     "UNIFORM_KURTOSIS",
     "AddPenaltyState",
+    "LayerRule",
     "QATConfig",
     "QuantPolicy",
     "add_penalty",

@@ -19,7 +19,9 @@ arrays, tracers and ``jax.ShapeDtypeStruct`` alike, inside or outside ``jit``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import dataclasses
+import re
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -29,9 +31,14 @@ Path = tuple[str, ...]
 LeafPredicate = Callable[[Path, Any], bool]
 
 __all__ = [
+    "PAPER_LAYERS",
+    "LayerRule",
     "LeafPredicate",
     "Path",
+    "Selection",
     "default_selection",
+    "edge_layers",
+    "layer_path",
     "paper_selection",
     "path_to_str",
     "select",
@@ -87,7 +94,7 @@ def default_selection(params: PyTree) -> LeafPredicate:
     return lambda path, leaf: _ndim(leaf) >= 2
 
 
-def _describe_search(named: list[tuple[Path, Any]], where: LeafPredicate | None) -> str:
+def _describe_search(named: list[tuple[Path, Any]], where: Selection) -> str:
     rule = "the default rule (rank>=2 leaves named 'kernel', else rank>=2)" if where is None else (
         f"predicate {getattr(where, '__name__', repr(where))}"
     )
@@ -98,14 +105,14 @@ def _describe_search(named: list[tuple[Path, Any]], where: LeafPredicate | None)
     return f"{rule} over {len(named)} leaves: [{shown}{more}]"
 
 
-def selection_mask(params: PyTree, where: LeafPredicate | None = None) -> PyTree:
+def selection_mask(params: PyTree, where: Selection = None) -> PyTree:
     """A pytree of Python bools, same structure as ``params``, True on selected leaves.
 
     Args:
       params: any pytree of arrays (Flax variable dicts with or without a top-level
         ``"params"`` key, nested dicts, lists, ...).
-      where: ``None`` for :func:`default_selection`, or a predicate on
-        ``(path: tuple[str, ...], leaf)``.
+      where: ``None`` for :func:`default_selection`, a :class:`LayerRule`, or a predicate
+        on ``(path: tuple[str, ...], leaf)``.
 
     Returns:
       A pytree with ``params``' structure whose leaves are ``True``/``False``.
@@ -115,14 +122,17 @@ def selection_mask(params: PyTree, where: LeafPredicate | None = None) -> PyTree
         leaves that were searched), so a typo never becomes a silent zero penalty.
     """
     named, treedef = _flatten(params)
-    predicate = default_selection(params) if where is None else where
+    if isinstance(where, LayerRule):
+        predicate = where.where(params)
+    else:
+        predicate = default_selection(params) if where is None else where
     flags = [bool(predicate(path, leaf)) for path, leaf in named]
     if not any(flags):
         raise ValueError(f"Selection matched no leaf: searched {_describe_search(named, where)}.")
     return jax.tree_util.tree_unflatten(treedef, flags)
 
 
-def select(params: PyTree, where: LeafPredicate | None = None) -> list[tuple[str, Any]]:
+def select(params: PyTree, where: Selection = None) -> list[tuple[str, Any]]:
     """Selected leaves as ``(path string, leaf)`` pairs, in ``jax.tree_util`` flatten order.
 
     Args:
@@ -145,7 +155,7 @@ def _kernels_in_insertion_order(tree: Any, prefix: Path = ()) -> list[tuple[Path
     """Kernel leaves in the dicts' insertion order (Flax records modules in call order).
 
     ``jax.tree_util`` sorts dict keys ("Conv_10" < "Conv_2"), which loses the layer
-    order, so this walks the mappings directly.
+    order, so this walks the mappings directly (Linen dicts and NNX states alike).
     """
     found: list[tuple[Path, Any]] = []
     if isinstance(tree, Mapping):
@@ -166,6 +176,126 @@ def _strip_params(path: Path) -> Path:
     return path[1:] if path[:1] == ("params",) else path
 
 
+def layer_path(path: Path) -> str:
+    """The layer of a kernel's path: ``("params", "b1", "conv1", "kernel") -> "b1/conv1"``."""
+    return path_to_str(_strip_params(tuple(path))[:-1])
+
+
+def edge_layers(layers: Sequence[tuple[str, bool]], *, first: bool, last_dense: bool) -> set[str]:
+    """The layers that ``skip_first`` / ``skip_last_dense`` leave out.
+
+    Args:
+      layers: ``(layer path, is_dense)`` of every layer with a kernel, in layer (call) order.
+      first: leave out the first layer.
+      last_dense: leave out the last dense layer (none if there is none).
+
+    Returns:
+      The paths left out (empty if ``layers`` is).
+    """
+    edges = set()
+    if first and layers:
+        edges.add(layers[0][0])
+    dense = [name for name, is_dense in layers if is_dense]
+    if last_dense and dense:
+        edges.add(dense[-1])
+    return edges
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LayerRule:
+    """Which layers' kernels a penalty, a quantizer or QAT acts on (frozen, hashable, validated).
+
+    A rule selects the rank >= 2 leaves named ``kernel`` (conv/dense weights) of the layers
+    whose path (``"stage1_block1/conv1"``: the module path of a Linen layer, the attribute path
+    of an NNX one) matches ``include`` and not ``exclude`` (``re.fullmatch``), less the first
+    layer and the last dense layer when asked. "First" and "last" follow layer order: the call
+    order if given, else the insertion order of ``params``' dicts (the call order of an eager
+    ``init``). A rule is not callable, so ``optax.inject_hyperparams`` keeps it static; use it
+    anywhere a ``where=`` predicate goes, or turn it into one with :meth:`where`.
+
+    Attributes:
+      include: regex of the layers to select (default: all).
+      exclude: regex of layers to leave out, or ``None``.
+      skip_first: leave out the first layer (the stem conv of a CNN).
+      skip_last_dense: leave out the last dense layer (the classifier).
+
+    >>> import numpy as np
+    >>> params = {"conv0": {"kernel": np.ones((3, 3, 1, 4))},
+    ...           "conv1": {"kernel": np.ones((3, 3, 4, 4))},
+    ...           "head": {"kernel": np.ones((4, 10)), "bias": np.ones(10)}}
+    >>> [name for name, _ in select(params, LayerRule(skip_first=True))]
+    ['conv1/kernel', 'head/kernel']
+    >>> [name for name, _ in select(params, LayerRule(exclude="head"))]
+    ['conv0/kernel', 'conv1/kernel']
+    """
+
+    include: str = ".*"
+    exclude: str | None = None
+    skip_first: bool = False
+    skip_last_dense: bool = False
+
+    def __post_init__(self) -> None:
+        for field in ("include", "exclude"):
+            pattern = getattr(self, field)
+            if pattern is None and field == "exclude":
+                continue
+            try:
+                re.compile(pattern)
+            except (re.error, TypeError) as error:
+                raise ValueError(f"LayerRule.{field} must be a regex; got {pattern!r} ({error})."
+                                 ) from None
+        for field in ("skip_first", "skip_last_dense"):
+            if not isinstance(getattr(self, field), bool):
+                raise ValueError(f"LayerRule.{field} must be True or False; "
+                                 f"got {getattr(self, field)!r}.")
+
+    def layers(self, params: PyTree, *, order: Sequence[str] | None = None) -> list[str]:
+        """The selected layer paths of ``params``, in layer order.
+
+        Args:
+          params: a params pytree (Linen dict, with or without ``"params"``, or NNX state).
+          order: layer paths in call order (e.g. from ``kure_jax.qat.linen.layer_order``);
+            ``None`` reads the insertion order of ``params``. Layers missing from ``order``
+            keep their insertion order after the listed ones.
+
+        Raises:
+          ValueError: if no layer is left.
+        """
+        kernels = [(layer_path(p), _ndim(leaf) == 2) for p, leaf in
+                   _kernels_in_insertion_order(params)]
+        if order is not None:
+            rank = {name: i for i, name in enumerate(order)}
+            kernels.sort(key=lambda item: rank.get(item[0], len(rank)))
+        edges = edge_layers(kernels, first=self.skip_first, last_dense=self.skip_last_dense)
+        chosen = [name for name, _ in kernels if name not in edges
+                  and re.fullmatch(self.include, name)
+                  and not (self.exclude is not None and re.fullmatch(self.exclude, name))]
+        if not chosen:
+            raise ValueError(f"{self} selects no layer of {[name for name, _ in kernels]}.")
+        return chosen
+
+    def where(self, params: PyTree, *, order: Sequence[str] | None = None) -> LeafPredicate:
+        """This rule resolved on ``params`` as a predicate ``where(path, leaf)``.
+
+        The predicate accepts trees with or without the top-level ``"params"`` key.
+
+        Raises:
+          ValueError: as :meth:`layers`.
+        """
+        chosen = frozenset(self.layers(params, order=order))
+
+        def where(path: Path, leaf: Any) -> bool:
+            return (bool(path) and path[-1] == "kernel" and _ndim(leaf) >= 2
+                    and layer_path(path) in chosen)
+
+        where.__name__ = f"{self!r}"
+        return where
+
+
+#: The paper's layers: every conv/dense kernel but the first layer and the classifier.
+PAPER_LAYERS = LayerRule(skip_first=True, skip_last_dense=True)
+
+
 def paper_selection(
     params: PyTree, *, first_conv: str | None = None, last_dense: str | None = None
 ) -> LeafPredicate:
@@ -178,10 +308,11 @@ def paper_selection(
 
     1. by name, if given (``first_conv="stem_conv"`` matches any path component);
     2. by the names of :mod:`kure_jax.models` (``"stem_conv"`` and ``"head"``) when present;
-    3. by layer order: the first rank-4 ``kernel`` and the last rank-2 ``kernel`` in the
-       dicts' insertion order, which is the call order for params from an eager
+    3. by layer order (:data:`PAPER_LAYERS`): the first layer and the last rank-2 ``kernel`` in
+       the dicts' insertion order, which is the call order for params from an eager
        ``model.init``. ``jax.jit(model.init)`` and ``jax.tree`` operations sort dict keys,
-       so for such trees pass the names explicitly.
+       so for such trees pass the names, or use ``PAPER_LAYERS.where(params, order=...)``
+       with the call order.
 
     Args:
       params: a Flax-style nested mapping of arrays with ``kernel`` leaves.
@@ -198,29 +329,30 @@ def paper_selection(
         kernel, or no kernel remains after the exclusions.
     """
     kernels = _kernels_in_insertion_order(params)
-    convs = [path for path, leaf in kernels if _ndim(leaf) == 4]
-    denses = [path for path, leaf in kernels if _ndim(leaf) == 2]
-    if not convs:
+    layers = [layer_path(path) for path, _ in kernels]
+    if not any(_ndim(leaf) == 4 for _, leaf in kernels):
         raise ValueError(
             "paper_selection needs conv kernels (rank-4 leaves named 'kernel'); found kernels: "
             f"{[path_to_str(p) for p, _ in kernels] or 'none'}."
         )
-    excluded = _named_or_ordered(convs, first_conv, _DEFAULT_FIRST_CONV, convs[0], "first_conv")
-    if denses or last_dense is not None:
-        fallback = denses[-1] if denses else None
-        excluded |= _named_or_ordered(denses, last_dense, _DEFAULT_LAST_DENSE, fallback,
-                                      "last_dense")
-    chosen = {_strip_params(path) for path, _ in kernels} - {_strip_params(p) for p in excluded}
-    if not chosen:
+    excluded = []
+    for arg, name, default in (("first_conv", first_conv, _DEFAULT_FIRST_CONV),
+                               ("last_dense", last_dense, _DEFAULT_LAST_DENSE)):
+        named = _by_component(layers, name if name is not None else default)
+        if name is not None and not named:
+            raise ValueError(f"paper_selection({arg}={name!r}) matches no kernel; "
+                             f"candidates: {[path_to_str(p) for p, _ in kernels]}.")
+        excluded.append(named)
+    first, last = excluded
+    rule = LayerRule(
+        exclude="|".join(re.escape(n) for n in first | last) or None,
+        skip_first=not first, skip_last_dense=not last)
+    try:
+        where = rule.where(params)
+    except ValueError:
         raise ValueError(
-            "paper_selection leaves nothing once the first conv and the last dense are excluded: "
-            f"excluded {sorted(path_to_str(p) for p in excluded)}."
-        )
-
-    def where(path: Path, leaf: Any) -> bool:
-        del leaf
-        return _strip_params(tuple(path)) in chosen
-
+            "paper_selection leaves nothing once the first conv and the last dense are excluded "
+            f"from {layers}.") from None
     where.__name__ = "paper_selection"
     return where
 
@@ -230,18 +362,9 @@ _DEFAULT_FIRST_CONV = "stem_conv"
 _DEFAULT_LAST_DENSE = "head"
 
 
-def _named_or_ordered(
-    candidates: list[Path], name: str | None, default_name: str, fallback: Path | None, arg: str
-) -> set[Path]:
-    if name is not None:
-        matched = {p for p in candidates if name in p}
-        if not matched:
-            raise ValueError(
-                f"paper_selection({arg}={name!r}) matches no kernel; candidates: "
-                f"{[path_to_str(p) for p in candidates]}."
-            )
-        return matched
-    by_default_name = {p for p in candidates if default_name in p}
-    if by_default_name:
-        return by_default_name
-    return set() if fallback is None else {fallback}
+def _by_component(layers: Sequence[str], name: str) -> set[str]:
+    return {layer for layer in layers if name in layer.split("/")}
+
+
+#: What every ``where=`` of the library takes: ``None`` (the default rule), a rule, a predicate.
+Selection = LeafPredicate | LayerRule | None

@@ -6,7 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kure_jax.selection import paper_selection, path_to_str, select, selection_mask
+import kure_jax
+from kure_jax.selection import edge_layers, paper_selection, path_to_str, select, selection_mask
 
 
 class TwelveConvNet(nn.Module):
@@ -109,3 +110,76 @@ def test_paper_selection_explicit_names(flax_variables):
     assert "params/Conv_0/kernel" in names and "params/Dense_1/kernel" in names
     with pytest.raises(ValueError, match="matches no kernel"):
         paper_selection(flax_variables, first_conv="nope")
+
+
+# ---------------------------------------------------------------------------------------------
+# LayerRule: the one rule type behind paper_selection, QAT's float layers and the sweep.
+
+RULE_PARAMS = {
+    "stem": {"kernel": np.ones((3, 3, 1, 4))},
+    "block1": {"conv1": {"kernel": np.ones((3, 3, 4, 4))},
+               "conv2": {"kernel": np.ones((3, 3, 4, 4))}},
+    "fc": {"kernel": np.ones((4, 8)), "bias": np.ones(8)},
+    "head": {"kernel": np.ones((8, 10)), "bias": np.ones(10)},
+}
+
+
+@pytest.mark.parametrize("rule, expected", [
+    (kure_jax.LayerRule(), ["stem", "block1/conv1", "block1/conv2", "fc", "head"]),
+    (kure_jax.PAPER_LAYERS, ["block1/conv1", "block1/conv2", "fc"]),
+    (kure_jax.LayerRule(include="block1/.*"), ["block1/conv1", "block1/conv2"]),
+    (kure_jax.LayerRule(exclude=".*conv2|head"), ["stem", "block1/conv1", "fc"]),
+    (kure_jax.LayerRule(skip_last_dense=True), ["stem", "block1/conv1", "block1/conv2", "fc"]),
+])
+def test_layer_rule_selects_layers(rule, expected):
+    assert rule.layers(RULE_PARAMS) == expected
+    assert rule.layers({"params": RULE_PARAMS}) == expected
+    names = [name for name, _ in select(RULE_PARAMS, rule)]
+    assert names == sorted(f"{layer}/kernel" for layer in expected)
+
+
+def test_layer_rule_follows_a_given_call_order():
+    # Key-sorted trees (jit init, restored checkpoints) lose the order: pass the call order.
+    order = ["stem", "block1/conv1", "block1/conv2", "fc", "head"]
+    shuffled = {k: RULE_PARAMS[k] for k in ("head", "fc", "block1", "stem")}
+    # In insertion order 'head' comes first and 'fc' is the last dense: the wrong two go.
+    assert kure_jax.PAPER_LAYERS.layers(shuffled) == ["block1/conv1", "block1/conv2", "stem"]
+    assert kure_jax.PAPER_LAYERS.layers(shuffled, order=order) == [
+        "block1/conv1", "block1/conv2", "fc"]
+
+
+def test_layer_rule_is_static_under_inject_hyperparams():
+    import jax
+    import optax
+
+    params = jax.tree.map(jnp.asarray, RULE_PARAMS)
+    tx = optax.inject_hyperparams(kure_jax.add_penalty)(coeff=1.0, where=kure_jax.PAPER_LAYERS)
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    updates, _ = jax.jit(tx.update)(zeros, tx.init(params), params)
+    assert float(jnp.abs(updates["stem"]["kernel"]).max()) == 0.0
+    assert float(jnp.abs(updates["head"]["kernel"]).max()) == 0.0
+
+
+def test_layer_rule_errors():
+    with pytest.raises(ValueError, match="regex"):
+        kure_jax.LayerRule(include="(")
+    with pytest.raises(ValueError, match="True or False"):
+        kure_jax.LayerRule(skip_first=1)
+    with pytest.raises(ValueError, match="selects no layer"):
+        kure_jax.LayerRule(include="nope").layers(RULE_PARAMS)
+    with pytest.raises(ValueError, match=r"matched no leaf|selects no layer"):
+        kure_jax.penalty(RULE_PARAMS, where=kure_jax.LayerRule(include="nope"))
+
+
+def test_paper_selection_is_the_paper_rule_on_unnamed_models():
+    where = paper_selection(RULE_PARAMS)
+    assert [n for n, _ in select(RULE_PARAMS, where)] == [
+        n for n, _ in select(RULE_PARAMS, kure_jax.PAPER_LAYERS)]
+
+
+def test_edge_layers():
+    layers = [("a", False), ("b", True), ("c", False), ("d", True)]
+    assert edge_layers(layers, first=True, last_dense=True) == {"a", "d"}
+    assert edge_layers(layers, first=False, last_dense=True) == {"d"}
+    assert edge_layers([("a", False)], first=False, last_dense=True) == set()
+    assert edge_layers([], first=True, last_dense=True) == set()

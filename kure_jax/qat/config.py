@@ -11,8 +11,20 @@ QUANTIZERS: tuple[str, ...] = ("lsq", "dorefa", "learned_clip", "max")
 LEARNED_QUANTIZERS: tuple[str, ...] = ("lsq", "learned_clip")
 # Name of the variable collection (Linen) / state subtree holding learned steps and clips.
 QUANT_COLLECTION = "quant"
+# The state name of each learned quantizer: kernel ones, and input ones (``+ "_unsigned"`` for
+# an unsigned input quantizer), e.g. ``variables["quant"]["conv1"]["kernel_step"]``.
+KERNEL_STATE_NAMES: dict[str, str] = {"lsq": "kernel_step", "learned_clip": "kernel_clip"}
+INPUT_STATE_NAMES: dict[str, str] = {"lsq": "input_step", "learned_clip": "input_clip"}
 
-__all__ = ["LEARNED_QUANTIZERS", "QUANTIZERS", "QUANT_COLLECTION", "QATConfig", "check_qat"]
+__all__ = [
+    "INPUT_STATE_NAMES",
+    "KERNEL_STATE_NAMES",
+    "LEARNED_QUANTIZERS",
+    "QUANTIZERS",
+    "QUANT_COLLECTION",
+    "QATConfig",
+    "check_qat",
+]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -15,7 +15,12 @@ import jax
 import jax.numpy as jnp
 
 from kure_jax import kernels
-from kure_jax.qat.config import QUANT_COLLECTION, QATConfig
+from kure_jax.qat.config import (
+    INPUT_STATE_NAMES,
+    KERNEL_STATE_NAMES,
+    QUANT_COLLECTION,
+    QATConfig,
+)
 from kure_jax.quant.ops import fake_quant, lsq_init_scale
 from kure_jax.quant.quantizers import dorefa_activation, dorefa_weight, learned_clip_quant
 
@@ -54,11 +59,11 @@ def quantize_kernel(qat: QATConfig, w: jax.Array, state: QuantizerState) -> jax.
     """``w`` fake-quantised by ``qat.weight_quantizer`` at ``qat.weight_bits`` (same shape)."""
     bits, name = qat.weight_bits, qat.weight_quantizer
     if name == "lsq":
-        step = state.get("kernel_step", lambda: lsq_init_scale(w, bits=bits))
+        step = state.get(KERNEL_STATE_NAMES["lsq"], lambda: lsq_init_scale(w, bits=bits))
         return kernels.fake_quant(w, _floor(step), bits=bits, lsq_grad_scale=qat.lsq_grad_scale,
                                   impl=qat.kernel_impl)
     if name == "learned_clip":
-        alpha = state.get("kernel_clip", lambda: _max_abs(w))
+        alpha = state.get(KERNEL_STATE_NAMES["learned_clip"], lambda: _max_abs(w))
         return learned_clip_quant(w, _floor(alpha), bits=bits, signed=True)
     if name == "dorefa":
         return dorefa_weight(w, bits=bits)
@@ -76,12 +81,12 @@ def quantize_input(qat: QATConfig, x: jax.Array, state: QuantizerState) -> jax.A
         return _dynamic_max_quant(x, bits)
     if name == "lsq":
         init = lambda signed: lsq_init_scale(x, bits=bits, signed=signed)
-        signed, step = state.get_input("input_step", x, init)
+        signed, step = state.get_input(INPUT_STATE_NAMES["lsq"], x, init)
         return kernels.fake_quant(x, _floor(step), bits=bits, signed=signed,
                                   lsq_grad_scale=qat.lsq_grad_scale, impl=qat.kernel_impl)
     # "learned_clip": alpha starts at the largest magnitude seen, so nothing clips at first.
     init = lambda signed: _max_abs(x)
-    signed, alpha = state.get_input("input_clip", x, init)
+    signed, alpha = state.get_input(INPUT_STATE_NAMES["learned_clip"], x, init)
     return learned_clip_quant(x, _floor(alpha), bits=bits, signed=signed)
 
 

@@ -43,7 +43,7 @@ References:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import flax.linen as nn
@@ -58,14 +58,17 @@ from kure_jax.qat.layer import (
     quantize_input,
     quantize_kernel,
 )
+from kure_jax.selection import LayerRule, LeafPredicate, edge_layers
 
 __all__ = [
     "QUANTIZABLE_LAYERS",
     "call_order",
     "init_quant_from_params",
     "is_quantizable",
+    "layer_order",
     "quantized_apply",
     "quantized_init",
+    "rule_predicate",
 ]
 
 # Layers whose ``__call__`` reads ``kernel`` and then calls ``self.promote_dtype(inputs, kernel,
@@ -309,21 +312,48 @@ def _mutable_quant(kwargs: Mapping[str, Any]) -> bool:
     return QUANT_COLLECTION in mutable
 
 
-def _float_paths(qat: QATConfig, thunk: Callable[[], Any]) -> frozenset[tuple[str, ...]]:
+def _float_paths(qat: QATConfig, thunk: Callable[[], Any]) -> frozenset[str]:
     """Paths of the layers that ``keep_first_float`` / ``keep_last_float`` leave in float."""
     if not (qat.keep_first_float or qat.keep_last_float):
         return frozenset()
-    calls = call_order(thunk)
-    paths = set()
-    if qat.keep_first_float and calls:
-        paths.add(calls[0][0])
-    if qat.keep_last_float:
-        dense = [path for path, module_type in calls if issubclass(module_type, nn.Dense)]
-        paths.update(dense[-1:])
-    return frozenset(paths)
+    layers = [(_path_name(path), issubclass(module_type, nn.Dense))
+              for path, module_type in call_order(thunk)]
+    return frozenset(edge_layers(layers, first=qat.keep_first_float,
+                                 last_dense=qat.keep_last_float))
 
 
-def _interceptor(qat: QATConfig, float_paths: frozenset[tuple[str, ...]]):
+def _path_name(path: Sequence[str]) -> str:
+    return "/".join(path)
+
+
+def layer_order(thunk: Callable[[], Any]) -> list[str]:
+    """The layers ``thunk`` calls (``"stage1_block1/conv1"``), in first-call order.
+
+    Only shapes are traced (see :func:`call_order`); the names are those of
+    :func:`kure_jax.selection.layer_path`, the order a :class:`~kure_jax.selection.LayerRule`
+    needs for params whose dicts lost it (restored or ``jit``-initialised ones).
+    """
+    return list(dict.fromkeys(_path_name(path) for path, _ in call_order(thunk)))
+
+
+def rule_predicate(
+    rule: LayerRule, model: nn.Module, input_shape: Sequence[int], **init_kwargs: Any
+) -> LeafPredicate:
+    """``rule`` resolved for a Linen ``model`` taking images ``(N, *input_shape)``.
+
+    The layer order comes from an abstract ``model.init`` (no FLOPs), so the predicate is the
+    same for any params of the model, including key-sorted restored ones.
+
+    Raises:
+      ValueError: as :meth:`kure_jax.selection.LayerRule.layers`.
+    """
+    # Built inside the traced thunk, so the zeros are abstract: no memory, no FLOPs.
+    init = lambda: model.init(jax.random.key(0), jnp.zeros((1, *input_shape)), **init_kwargs)
+    params = jax.eval_shape(init)
+    return rule.where(params, order=layer_order(init))
+
+
+def _interceptor(qat: QATConfig, float_paths: frozenset[str]):
     """Method interceptor that fake-quantises every quantisable layer not in ``float_paths``."""
 
     def interceptor(next_fun, args, kwargs, context):
@@ -331,7 +361,7 @@ def _interceptor(qat: QATConfig, float_paths: frozenset[tuple[str, ...]]):
         if (
             context.method_name != "__call__"
             or not is_quantizable(module)
-            or tuple(module.path) in float_paths
+            or _path_name(module.path) in float_paths
         ):
             return next_fun(*args, **kwargs)
         return quantized_call(module, qat, lambda: next_fun(*args, **kwargs))

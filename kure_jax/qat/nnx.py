@@ -42,6 +42,7 @@ from kure_jax.qat.layer import (
     quantize_input,
     quantize_kernel,
 )
+from kure_jax.selection import edge_layers
 
 __all__ = ["QUANTIZABLE_LAYERS", "QuantParam", "is_quantized", "quantize_model"]
 
@@ -191,15 +192,13 @@ def quantize_model(model: nnx.Module, *args: Any, qat: QATConfig, **kwargs: Any)
     saved = nnx.clone(nnx.state(model))
     with _recording() as calls:
         model(*args, **kwargs)
-    float_ids = set()
-    if qat.keep_first_float and calls:
-        float_ids.add(id(calls[0]))
-    if qat.keep_last_float:
-        dense = [m for m in calls if isinstance(m, nnx.Linear)]
-        float_ids.update(id(m) for m in dense[-1:])
+    called = [(layer.kure_path, isinstance(layer, nnx.Linear))
+              for layer in dict.fromkeys(calls)]  # first-call order, each layer once
+    float_paths = edge_layers(called, first=qat.keep_first_float,
+                              last_dense=qat.keep_last_float)
     quantized = []
     for _, layer in layers.values():
-        if id(layer) not in float_ids:
+        if layer.kure_path not in float_paths:
             layer.kure_qat = qat
             quantized.append(layer.kure_path)
     nnx.update(model, saved)

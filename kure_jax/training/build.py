@@ -6,12 +6,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import ml_collections
 
-from kure_jax import QATConfig, paper_selection
+from kure_jax import PAPER_LAYERS, QATConfig
 from kure_jax.models import get_model
+from kure_jax.qat.linen import rule_predicate
 from kure_jax.selection import LeafPredicate
 from kure_jax.training.step import StepConfig
 
@@ -72,9 +72,8 @@ def kure_selection(
     """``config.kure.selection`` as a predicate for :func:`kure_jax.penalty`.
 
     ``"kernels"`` -> ``None`` (every conv/dense kernel); ``"paper"`` ->
-    :func:`kure_jax.paper_selection`, which reads layer order from the insertion order of
-    Flax's variable dicts. ``jit`` returns key-sorted dicts, so the selection is built
-    while tracing ``model.init`` (abstractly, no FLOPs), where the dicts are in call order.
+    :data:`kure_jax.PAPER_LAYERS` (all but the first layer and the classifier) in the call
+    order of an abstract ``model.init`` (:func:`kure_jax.qat.linen.rule_predicate`).
 
     Args:
       config: a training config.
@@ -82,7 +81,7 @@ def kure_selection(
       input_shape: ``(height, width, channels)`` of one image.
 
     Raises:
-      ValueError: for another selection name, or from :func:`kure_jax.paper_selection`.
+      ValueError: for another selection name, or if the rule leaves no layer.
     """
     if config.kure.selection == "kernels":
         return None
@@ -90,15 +89,7 @@ def kure_selection(
         raise ValueError(
             f"config.kure.selection must be 'kernels' or 'paper'; got {config.kure.selection!r}."
         )
-    found: list[LeafPredicate] = []
-
-    def init(x: jax.Array) -> PyTree:
-        variables = model.init(jax.random.key(0), x, train=False)
-        found.append(paper_selection(variables["params"]))  # names/shapes only: tracer-safe
-        return variables
-
-    jax.eval_shape(init, jax.ShapeDtypeStruct((1, *input_shape), jnp.float32))
-    return found[0]
+    return rule_predicate(PAPER_LAYERS, model, input_shape, train=False)
 
 
 def step_config(
