@@ -51,9 +51,21 @@ def np_signed_range(bits):
     return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
 
 
+def np_nested(x, bits, reduce, c=8):
+    """Matryoshka slice of min-max c-bit codes (float32, op for op as kure_jax.quant.nested)."""
+    lo, hi = x.min(axis=reduce, keepdims=True), x.max(axis=reduce, keepdims=True)
+    s = np.maximum((hi - lo) / F32(2**c - 1), np.finfo(F32).tiny).astype(F32)
+    z = np.round(-lo / s)
+    q = np.clip(np.round(x / s) + z, 0, 2**c - 1)
+    step = F32(2 ** (c - bits))
+    return ((np.clip(np.floor(q / step + F32(0.5)), 0, 2**bits - 1) * step - z) * s).astype(F32)
+
+
 def np_quant_weight(w, name, bits, state):
     w = np.asarray(w, F32)
     n = 2**bits - 1
+    if name == "matryoshka":  # per output channel (the last kernel axis)
+        return np_nested(w, bits, tuple(range(w.ndim - 1)))
     if name == "lsq":
         return np_grid(w, state["kernel_step"], *np_signed_range(bits))
     if name == "max":
@@ -72,6 +84,8 @@ def np_quant_input(x, name, bits, state):
     """Input quantizer; `state` holds the layer's quant variables (their names give the sign)."""
     x = np.asarray(x, F32)
     n = 2**bits - 1
+    if name == "matryoshka":
+        return np_nested(x, bits, None)
     if name == "dorefa":
         return (np.round(np.clip(x, 0, 1) * F32(n)) / F32(n)).astype(F32)
     if name == "max":

@@ -59,6 +59,8 @@ QATS = [
               act_quantizer="learned_clip", keep_first_float=False),
     QATConfig(weight_bits=4, act_bits=4, weight_quantizer="max", act_quantizer="max"),
     QATConfig(weight_bits=2, act_bits=None, weight_quantizer="dorefa", keep_last_float=False),
+    QATConfig(weight_bits=4, act_bits=8, weight_quantizer="matryoshka",
+              act_quantizer="matryoshka"),
 ]
 
 

@@ -7,7 +7,7 @@ import dataclasses
 from kure_jax.kernels import IMPLS as KERNEL_IMPLS
 from kure_jax.quant.ops import MAX_BITS, MIN_BITS, validate_bits
 
-QUANTIZERS: tuple[str, ...] = ("lsq", "dorefa", "learned_clip", "max")
+QUANTIZERS: tuple[str, ...] = ("lsq", "dorefa", "learned_clip", "max", "matryoshka")
 LEARNED_QUANTIZERS: tuple[str, ...] = ("lsq", "learned_clip")
 # Name of the variable collection (Linen) / state subtree holding learned steps and clips.
 QUANT_COLLECTION = "quant"
@@ -48,6 +48,10 @@ class QATConfig:
         * ``"max"``: step ``max|w| / (2^(b-1) - 1)`` recomputed from the current kernel at every
           call, no learned state; straight-through gradient, no gradient through the step.
 
+        * ``"matryoshka"``: the top ``weight_bits`` of per-output-channel asymmetric min-max
+          ``nest_bits``-bit codes (``kure_jax.quant.nested``, Matryoshka Quantization): a model
+          trained so runs at ``weight_bits`` by slicing its int8 codes. No learned state.
+
       act_quantizer: input quantizer, one of ``QUANTIZERS``:
 
         * ``"lsq"``: learned step, initialised to ``2 mean|x| / sqrt(Q_p)`` on the init batch.
@@ -60,6 +64,8 @@ class QATConfig:
 
         The learned quantizers are unsigned or signed per layer as their init batch says (see the
         module docstring).
+        * ``"matryoshka"``: the top ``act_bits`` of per-tensor min-max ``nest_bits``-bit codes.
+
       keep_first_float: the first quantisable layer called in the forward pass keeps a float
         kernel and a float input (KURE and most QAT papers keep the stem conv in full precision).
       keep_last_float: the last ``nn.Dense`` called (the classifier) stays float. A model with no
@@ -80,6 +86,8 @@ class QATConfig:
         ``"dorefa"``, ``"learned_clip"`` and the ``"max"`` input quantizer (whose zero point
         follows the tensor's sign) have no kernel and always run in jnp.
 
+      nest_bits: width ``c`` of the codes that ``"matryoshka"`` slices (8 in the paper).
+
     Raises:
       ValueError: on construction (or ``dataclasses.replace``) for bits outside [2, 16] (or not an
         int), an unknown quantizer name (the message lists ``QUANTIZERS``), an unknown
@@ -97,6 +105,7 @@ class QATConfig:
     keep_last_float: bool = True
     lsq_grad_scale: bool = True
     kernel_impl: str = "jnp"
+    nest_bits: int = 8
 
     def __post_init__(self) -> None:
         for field in ("weight_bits", "act_bits"):
@@ -116,6 +125,16 @@ class QATConfig:
                 raise ValueError(
                     f"QATConfig.{field} must be one of {QUANTIZERS}; got {name!r}."
                 )
+        try:
+            object.__setattr__(self, "nest_bits", validate_bits(self.nest_bits))
+        except ValueError:
+            raise ValueError(f"QATConfig.nest_bits must be an int in [{MIN_BITS}, {MAX_BITS}]; "
+                             f"got {self.nest_bits!r}.") from None
+        for bits, name in ((self.weight_bits, self.weight_quantizer),
+                           (self.act_bits, self.act_quantizer)):
+            if name == "matryoshka" and bits is not None and bits > self.nest_bits:
+                raise ValueError(f"QATConfig: {bits}-bit 'matryoshka' slices need "
+                                 f"nest_bits >= {bits}; got nest_bits={self.nest_bits}.")
         if not isinstance(self.kernel_impl, str) or self.kernel_impl not in KERNEL_IMPLS:
             raise ValueError(
                 f"QATConfig.kernel_impl must be one of {KERNEL_IMPLS}; got {self.kernel_impl!r}."

@@ -21,6 +21,7 @@ from kure_jax.qat.config import (
     QUANT_COLLECTION,
     QATConfig,
 )
+from kure_jax.quant.nested import nested_fake_quant
 from kure_jax.quant.ops import fake_quant, lsq_init_scale
 from kure_jax.quant.quantizers import dorefa_activation, dorefa_weight, learned_clip_quant
 
@@ -67,6 +68,8 @@ def quantize_kernel(qat: QATConfig, w: jax.Array, state: QuantizerState) -> jax.
         return learned_clip_quant(w, _floor(alpha), bits=bits, signed=True)
     if name == "dorefa":
         return dorefa_weight(w, bits=bits)
+    if name == "matryoshka":
+        return nested_fake_quant(w, bits=bits, nest_bits=qat.nest_bits, channel_axes=-1)
     # "max": symmetric narrow grid +-(2^(b-1) - 1) steps spanning exactly [-max|w|, max|w|].
     step = _floor(jax.lax.stop_gradient(_max_abs(w)) / (2 ** (bits - 1) - 1))
     return kernels.fake_quant(w, step, bits=bits, narrow_range=True, impl=qat.kernel_impl)
@@ -77,6 +80,8 @@ def quantize_input(qat: QATConfig, x: jax.Array, state: QuantizerState) -> jax.A
     bits, name = qat.act_bits, qat.act_quantizer
     if name == "dorefa":
         return dorefa_activation(x, bits=bits)
+    if name == "matryoshka":
+        return nested_fake_quant(x, bits=bits, nest_bits=qat.nest_bits)
     if name == "max":
         return _dynamic_max_quant(x, bits)
     if name == "lsq":

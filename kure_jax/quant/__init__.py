@@ -4,10 +4,14 @@
 * :mod:`~kure_jax.quant.quantizers`: DoReFa weights/activations, the reference's learned clip.
 * :mod:`~kure_jax.quant.policy`: ``QuantPolicy`` and how a step is chosen (clip methods).
 * :mod:`~kure_jax.quant.ptq`: ``quantize_params``, post-training quantisation of a pytree.
+* :mod:`~kure_jax.quant.nested`: Matryoshka codes, the top bits of int8 codes as a model.
 
 Layers import downward only: ``ops`` <- ``quantizers``, ``policy`` <- ``ptq``.
 """
 
+from kure_jax.quant.nested import minmax_codes as minmax_codes
+from kure_jax.quant.nested import nested_fake_quant as nested_fake_quant
+from kure_jax.quant.nested import slice_codes as slice_codes
 from kure_jax.quant.ops import MAX_BITS as MAX_BITS
 from kure_jax.quant.ops import MIN_BITS as MIN_BITS
 from kure_jax.quant.ops import ROUNDING_MODES as ROUNDING_MODES
@@ -44,9 +48,12 @@ __all__ = [
     "kept_axes",
     "learned_clip_quant",
     "lsq_init_scale",
+    "minmax_codes",
+    "nested_fake_quant",
     "quantize",
     "quantize_params",
     "round_values",
+    "slice_codes",
     "validate_bits",
     "validate_flag",
     "validate_rounding",
