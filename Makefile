@@ -1,11 +1,14 @@
 # Two entry points for a fresh machine with Python 3.11 (each creates .venv if missing):
 #   make demo   -- install, then run the main job (scripts/demo.py)
 #   make test   -- install, then run lint + the test suite
+#   make test-torch -- the torchvision conversion tests in .venv-torch (torch + torchvision)
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+TORCH_VENV := .venv-torch
+TORCH_BIN := $(TORCH_VENV)/bin
 
-.PHONY: demo test lint install clean
+.PHONY: demo test test-torch lint install clean
 
 $(BIN)/.installed: requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -16,14 +19,25 @@ $(BIN)/.installed: requirements.txt pyproject.toml
 
 install: $(BIN)/.installed
 
+$(TORCH_BIN)/.installed: requirements.txt requirements-torch.txt pyproject.toml
+	test -x $(TORCH_BIN)/python || $(PYTHON) -m venv $(TORCH_VENV)
+	$(TORCH_BIN)/python -m pip install --quiet --upgrade pip
+	$(TORCH_BIN)/python -m pip install --quiet -r requirements-torch.txt
+	$(TORCH_BIN)/python -m pip install --quiet --no-deps -e .
+	touch $@
+
 lint: install
 	$(BIN)/ruff check .
 
 test: install lint
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
+# Not part of `make test`: torch is a test-only reference (~5 GB), kept out of .venv.
+test-torch: $(TORCH_BIN)/.installed
+	$(TORCH_BIN)/python -m pytest -q tests/with_torch
+
 demo: install
 	$(BIN)/python scripts/demo.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) $(TORCH_VENV) .pytest_cache .ruff_cache .hypothesis

@@ -3,14 +3,21 @@
     python eval.py --checkpoint runs/mnist5k_kure --checkpoint runs/mnist5k_baseline \\
         --sweep configs/sweeps/default.py --out runs/eval
 
+    python eval.py --model my_models:make --params my_params.safetensors --dataset mnist5k \
+        --out runs/eval_mine
+
 ``--checkpoint`` takes a train.py workdir, a ``checkpoints/``/``best/`` directory or one step
 directory, optionally named ``GROUP=PATH`` (checkpoints sharing a group, e.g. seeds, are also
 averaged in the report). The training config travels with the checkpoint, so no model flags are
-needed. Writes ``results.json`` (updated after every task, so Ctrl-C keeps the finished points),
-``results.csv``, ``report.md`` and PNG plots into ``--out`` and prints the summary table.
+needed. ``--model MODULE:FACTORY`` evaluates a model of your own instead (a Linen or NNX module
+or an ``(apply_fn, params_template)`` pair; see kure_jax/evaluation/factory.py), with
+``--params`` an Orbax checkpoint directory or a ``.safetensors`` file and ``--dataset`` a
+registered dataset. Writes ``results.json`` (updated after every task, so Ctrl-C keeps the
+finished points), ``results.csv``, ``report.md`` and PNG plots into ``--out`` and prints the
+summary table.
 
-Exit codes: 0 done; 2 bad sweep file/key or checkpoint (one ``error:`` line on stderr);
-130 interrupted.
+Exit codes: 0 done; 2 bad arguments, sweep file/key, checkpoint, model or params (one
+``error:`` line on stderr); 130 interrupted.
 """
 
 import argparse
@@ -25,8 +32,17 @@ def _parser() -> argparse.ArgumentParser:
         description="Quantization-robustness sweep of trained checkpoints.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--checkpoint", action="append", required=True, metavar="[GROUP=]DIR",
-                        help="checkpoint to evaluate (repeat for several)")
+    parser.add_argument("--checkpoint", action="append", metavar="[GROUP=]DIR",
+                        help="train.py checkpoint to evaluate (repeat for several)")
+    parser.add_argument("--model", metavar="MODULE:FACTORY",
+                        help="your own model instead of --checkpoint: a factory returning a "
+                             "Linen/NNX module or (apply_fn, params_template)")
+    parser.add_argument("--params", metavar="PATH",
+                        help="with --model: an Orbax checkpoint directory or a .safetensors file")
+    parser.add_argument("--dataset", metavar="NAME",
+                        help="with --model: the dataset to evaluate on, e.g. mnist5k")
+    parser.add_argument("--name", help="with --model: its label in the report "
+                                       "(default: MODULE:FACTORY)")
     parser.add_argument("--sweep", default=str(pathlib.Path(__file__).parent / "configs" /
                                                "sweeps" / "default.py"),
                         help="sweep config file (default: configs/sweeps/default.py)")
@@ -60,12 +76,43 @@ class _Interrupts:
             raise KeyboardInterrupt
 
 
+def _argument_error(args: argparse.Namespace) -> str | None:
+    """What is wrong with the combination of --checkpoint / --model flags, or ``None``."""
+    if args.model and args.checkpoint:
+        return ("--model and --checkpoint are mutually exclusive: evaluate either train.py "
+                "checkpoints or one model of your own per run.")
+    if args.model:
+        missing = [flag for flag, value in (("--params", args.params),
+                                            ("--dataset", args.dataset)) if not value]
+        if missing:
+            return f"--model needs {' and '.join(missing)}."
+        return None
+    if not args.checkpoint:
+        return "give --checkpoint DIR (repeatable) or --model MODULE:FACTORY."
+    extra = [flag for flag, value in (("--params", args.params), ("--dataset", args.dataset),
+                                      ("--name", args.name)) if value]
+    if extra:
+        return (f"{', '.join(extra)} go(es) with --model only (a checkpoint carries its own "
+                "weights and dataset).")
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    problem = _argument_error(args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr, flush=True)
+        return 2
     # Orbax logs a warning per read-only restore through absl; keep stderr for real errors.
     logging.getLogger("absl").setLevel(logging.ERROR)
     from kure_jax._interrupts import sigint_is_ours
-    from kure_jax.evaluation import CheckpointError, load_sweep, run_sweep, summary_table
+    from kure_jax.evaluation import (
+        CheckpointError,
+        evaluate_factory,
+        load_sweep,
+        run_sweep,
+        summary_table,
+    )
 
     interrupts = _Interrupts()
     previous = signal.getsignal(signal.SIGINT)
@@ -73,10 +120,15 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGINT, interrupts.handle)
     try:
         spec = load_sweep(args.sweep, args.set)
-        data = run_sweep(args.checkpoint, spec, args.out, which=args.which,
-                         progress=False if args.no_progress else None,
-                         after_task=interrupts.check)
-    except (CheckpointError, ValueError) as err:
+        progress = False if args.no_progress else None
+        if args.model:
+            data = evaluate_factory(args.model, args.params, args.dataset, spec, out=args.out,
+                                    name=args.name, progress=progress,
+                                    after_task=interrupts.check)
+        else:
+            data = run_sweep(args.checkpoint, spec, args.out, which=args.which,
+                             progress=progress, after_task=interrupts.check)
+    except (CheckpointError, ValueError) as err:  # ModelError is a ValueError
         # The late "Event loop is closed" tracebacks of a failed restore are dropped by
         # restore_for_eval (kure_jax/training/_orbax_noise.py): this stays the one line.
         print(f"error: {err}", file=sys.stderr, flush=True)
@@ -90,7 +142,9 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(signal.SIGINT, previous)
     grouped = len({c["group"] for c in data["checkpoints"]}) < len(data["checkpoints"])
     print(summary_table(data, by_group=grouped))
-    print(f"\n{len(data['points'])} points; report: {pathlib.Path(args.out) / 'report.md'}")
+    skipped = len(data.get("skipped", []))
+    note = f" ({skipped} skipped, reasons in the report)" if skipped else ""
+    print(f"\n{len(data['points'])} points{note}; report: {pathlib.Path(args.out) / 'report.md'}")
     return 0
 
 

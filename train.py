@@ -6,11 +6,16 @@
 
 Rerunning with the same ``--workdir`` resumes from its latest checkpoint. Ctrl-C first saves the
 last finished step as a checkpoint (single process; not a non-finite state). Exit codes: 0 done,
-2 non-finite loss, 130 interrupted.
+2 a start-up error (unknown config field or bad flag value, invalid config, dataset not on disk,
+an ``init_from`` checkpoint that does not fit the model: one ``error:`` line on stderr, no
+traceback) or a non-finite loss, 130 interrupted.
 """
 
+import difflib
+import importlib.util
 import logging
 import pathlib
+import re
 import sys
 
 from absl import app, flags
@@ -18,8 +23,25 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 
 import kure_jax.training
+from kure_jax.training.loop import StartupError
 
 _DEFAULT_CONFIG = pathlib.Path(__file__).parent / "configs" / "mnist5k_kure.py"
+
+
+def _with_explicit_config(argv: list[str]) -> list[str]:
+    """``argv`` with ``--config=<default>`` added when it names no config file.
+
+    ml_collections loads a default config, and applies the ``--config.*`` overrides to it, when
+    the flag is defined, i.e. on import, where an unknown field ends in a traceback; with the
+    file on the command line that happens in flag parsing, which :func:`_parse_flags` handles.
+    """
+    if any(re.match(r"^--?config(=|$)", arg) for arg in argv[1:]):
+        return argv
+    return [argv[0], f"--config={_DEFAULT_CONFIG}", *argv[1:]]
+
+
+if __name__ == "__main__":
+    sys.argv = _with_explicit_config(sys.argv)
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", str(_DEFAULT_CONFIG), "Training config file.", lock_config=True
@@ -52,6 +74,74 @@ def _not_orbax_info(record: logging.LogRecord) -> bool:
     return record.levelno >= logging.WARNING or "orbax" not in record.pathname
 
 
+def _load_config(spec: str):
+    """``get_config([variant])`` of a ``FILE.py[:VARIANT]`` flag value, as ml_collections does."""
+    path, sep, variant = spec.partition(":") if not pathlib.Path(spec).is_file() else (spec, "", "")
+    module_spec = importlib.util.spec_from_file_location("_train_config", path)
+    if module_spec is None or module_spec.loader is None or not pathlib.Path(path).is_file():
+        raise FileNotFoundError(f"config file {path} does not exist.")
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(variant) if sep else module.get_config()
+
+
+def _unknown_field(config, dotted: str) -> str | None:
+    """Why ``--config.<dotted>`` names no field of ``config`` (with the closest names), or None."""
+    node, prefix = config, "config"
+    for part in dotted.split("."):
+        if "[" in part or not hasattr(node, "keys"):  # indexing or a leaf: ml_collections' call
+            return None
+        if part not in node:
+            names = sorted(node.keys())
+            close = difflib.get_close_matches(part, names, n=3, cutoff=0.0)
+            hint = (f"closest: {', '.join(f'{prefix}.{c}' for c in close)}" if close
+                    else f"{prefix} has no fields")
+            return f"unknown config field {prefix}.{part} (in --config.{dotted}); {hint}."
+        node, prefix = node[part], f"{prefix}.{part}"
+    return None
+
+
+def _config_spec(argv: list[str]) -> str | None:
+    """The ``FILE.py[:VARIANT]`` of ``--config=...`` in ``argv``, if given that way."""
+    config_arg = next((a for a in argv[1:] if re.match(r"^--?config(=|$)", a)), None)
+    return config_arg.split("=", 1)[1] if config_arg and "=" in config_arg else None
+
+
+def _flag_error(argv: list[str], err: Exception) -> str:
+    """The one-line message for a flag-parsing error: an unknown config field, else ``err``."""
+    spec = _config_spec(argv)
+    if spec is not None:
+        try:
+            config = _load_config(spec)
+        except Exception as load_err:  # the file itself is broken: report that
+            return f"cannot load config file {spec}: {type(load_err).__name__}: {load_err}"
+        for arg in argv[1:]:
+            match = re.match(r"^--?(?:no)?config\.([^=]+)", arg)
+            problem = match and _unknown_field(config, match[1])
+            if problem:
+                return problem
+    # A KeyError's str() is the repr of its argument: show the argument itself.
+    text = str(err.args[0] if isinstance(err, KeyError) and err.args else err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with every error as one ``error:`` line and exit code 2."""
+    spec = _config_spec(argv)
+    path = spec and (spec if pathlib.Path(spec).is_file() else spec.partition(":")[0])
+    if path and not pathlib.Path(path).is_file():
+        # ml_collections would defer this to the first field read, as a traceback.
+        print(f"error: config file {path} does not exist.", file=sys.stderr)
+        sys.exit(2)
+    try:
+        return flags.FLAGS(argv)
+    except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as err:
+        # ml_collections raises AttributeError/KeyError for an unknown field, absl flags.Error
+        # for a value it cannot parse; --help exits through SystemExit, which passes.
+        print(f"error: {_flag_error(argv, err)}", file=sys.stderr)
+        sys.exit(2)
+
+
 def main(argv: list[str]) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -71,7 +161,8 @@ def main(argv: list[str]) -> int:
     try:
         result = kure_jax.training.train_and_evaluate(_CONFIG.value, workdir,
                                                       stop_at_step=_STOP_AT_STEP.value)
-    except kure_jax.training.NonFiniteLossError as err:
+    except (StartupError, kure_jax.training.NonFiniteLossError) as err:
+        # Start-up errors say what to fix (field, file, download); a traceback adds nothing.
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -90,4 +181,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)

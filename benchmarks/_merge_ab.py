@@ -1,9 +1,9 @@
 """The per-tensor merge of per-block moment statistics, two ways: ``kernel_times.py``'s A/B.
 
-``kure_jax.kernels.penalty`` reads every tensor once in a Pallas kernel that writes one row of
-statistics per block, then merges the rows per tensor in XLA with segment ops (scatters and a
-gather, one kernel launch each). Would masked reductions over a ``(tensors, blocks)`` iota mask,
-which XLA can fuse, be cheaper? This module answers it on its own terms, with jax and numpy
+``kure_jax.penalty(impl="pallas")`` reads every tensor once in a Pallas kernel that writes one
+row of statistics per block, then merges the rows per tensor in XLA with segment ops (scatters
+and a gather, one kernel launch each). Would masked reductions over a ``(tensors, blocks)`` iota
+mask, which XLA can fuse, be cheaper? This module answers it on its own terms, with jax and numpy
 only: :func:`block_stats` computes such rows with jnp (not the kernel) in the GPU kernel's block
 layout, and :func:`merge` merges them with either reduction (``reduce="segment"`` or
 ``"masked"``); ``kernel_times.py --penalty`` times both on ResNet-18/50 params. The library's

@@ -22,7 +22,7 @@ import _common
 import jax
 import jax.numpy as jnp
 
-from kure_jax import kernels, quant
+from kure_jax import quant
 from kure_jax.quant.policy import QuantPolicy, quantize
 
 BITS = 4
@@ -34,9 +34,9 @@ def _ops(interpret: bool) -> list[tuple[str, str, int, object, bool]]:
     key, s = jax.random.key(0), jnp.float32(0.05)
     vjp = lambda fq: lambda x, g: jax.vjp(fq, x, s)[1](g)
     fq_jnp = lambda x, s: quant.fake_quant(x, s, bits=BITS)
-    fq_pl = lambda x, s: kernels.fake_quant(x, s, bits=BITS, **pallas)
-    hash_sr = lambda impl_kw: lambda x: kernels.fake_quant(
-        x, s, bits=BITS, rounding="stochastic", key=key, **impl_kw)
+    fq_pl = lambda x, s: quant.fake_quant(x, s, bits=BITS, **pallas)
+    hash_sr = lambda impl_kw: lambda x: quant.fake_quant(
+        x, s, bits=BITS, rounding="stochastic", key=key, noise="hash", **impl_kw)
     return [
         ("copy (y=-x)", "xla", 2, lambda x: -x, False),
         ("fq fwd", "jnp", 2, lambda x: fq_jnp(x, s), False),
@@ -45,7 +45,7 @@ def _ops(interpret: bool) -> list[tuple[str, str, int, object, bool]]:
         ("fq bwd (vjp)", "pallas", 3, vjp(fq_pl), True),
         ("absmax fq fwd", "jnp", 3, lambda x: quantize(x, QuantPolicy(bits=BITS)), False),
         ("absmax fq fwd", "pallas", 3,
-         lambda x: kernels.absmax_fake_quant(x, bits=BITS, **pallas), False),
+         lambda x: quantize(x, QuantPolicy(bits=BITS), **pallas), False),
         ("stochastic fwd, threefry noise", "jnp", 2, lambda x: quant.fake_quant(
             x, s, bits=BITS, rounding="stochastic", key=key), False),
         ("stochastic fwd, hash noise", "jnp", 2, hash_sr({"impl": "jnp"}), False),
@@ -120,8 +120,8 @@ def _block_sweep(rec: _common.Recorder, timer) -> None:
     x = jax.random.normal(jax.random.key(1), (n // 1024, 1024), jnp.float32)
     t_copy = timer(jax.jit(lambda x: -x), (x,))["median_s"]
     for block in [(1, 1024), (2, 1024), (4, 1024), (8, 1024), (16, 1024)]:
-        fn = jax.jit(lambda x, b=block: kernels.fake_quant(x, 0.05, bits=BITS, impl="pallas",
-                                                           block_shape=b))
+        fn = jax.jit(lambda x, b=block: quant.fake_quant(x, 0.05, bits=BITS, impl="pallas",
+                                                         block_shape=b))
         try:
             t = timer(fn, (x,))["median_s"]
             rec.add({"dtype": "float32", "elements": n, "op": f"fq fwd block {block}",

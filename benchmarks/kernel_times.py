@@ -121,10 +121,9 @@ def _penalty_ops():
     from _merge_ab import merge_ops
 
     import kure_jax
-    from kure_jax import kernels
     from kure_jax.models import get_model
 
-    pallas = functools.partial(kernels.penalty, impl="pallas")
+    pallas = functools.partial(kure_jax.penalty, impl="pallas")
     copy = lambda p: jax.tree.map(jnp.negative, p)
     for name in ("resnet18", "resnet50"):
         model = get_model(name, num_classes=1000)

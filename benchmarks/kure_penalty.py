@@ -6,8 +6,9 @@ spends on the same parameters? Rows, all over the same float32 params pytree:
 * ``copy``: ``-p`` for every leaf (the bandwidth yardstick; 2 units of the params' size);
 * ``sgd``: one ``optax.sgd(0.1)`` update (read params and grads, write params: 3 units);
 * ``sgd+momentum``: ``optax.sgd(0.1, momentum=0.9)`` (the paper's optimizer: 5 units);
-* ``penalty``, ``penalty+grad``: ``kure_jax.penalty`` (jnp: XLA) and ``kernels.penalty``
-  (Pallas: one launch reads all selected kernels; the gradient is one more read + write).
+* ``penalty``, ``penalty+grad``: ``kure_jax.penalty`` (jnp: XLA) and
+  ``kure_jax.penalty(impl="pallas")`` (Pallas: one launch reads all selected kernels; the
+  gradient is one more read + write).
 
 The issue's goal: penalty + gradient in less time than 2 copies (``vs_copy < 2``).
 
@@ -25,7 +26,6 @@ import jax.numpy as jnp
 import optax
 
 import kure_jax
-from kure_jax import kernels
 from kure_jax.models import get_model
 
 
@@ -56,7 +56,7 @@ def _rows(params, on_cpu: bool):
         ("penalty+grad", "jnp", lambda p, g: jax.value_and_grad(kure_jax.penalty)(p)),
     ]
     if not on_cpu:
-        pen = functools.partial(kernels.penalty, impl="pallas")
+        pen = functools.partial(kure_jax.penalty, impl="pallas")
         rows += [("penalty", "pallas", lambda p, g: pen(p)),
                  ("penalty+grad", "pallas", lambda p, g: jax.value_and_grad(pen)(p))]
     return rows, grads

@@ -6,7 +6,7 @@ as fast as the peer JAX library's? Every config runs the same step (softmax cros
 forward function and the penalty differ:
 
 * ``fp``: ``model.apply``; ``fp+KURE``: plus ``kure_jax.penalty`` (jnp) or
-  ``kernels.penalty`` (Pallas, ``fp+KURE[pallas]``).
+  ``kure_jax.penalty(impl="pallas")`` (Pallas, ``fp+KURE[pallas]``).
 * ``QAT-max+KURE``: ``kure_jax.qat.quantized_apply`` with ``QATConfig(weight_bits=4,
   act_bits=4, weight_quantizer="max", act_quantizer="max")``: dynamic absmax steps, per tensor,
   on every conv/dense kernel and input except the stem conv and the classifier.
@@ -36,7 +36,6 @@ import jax.numpy as jnp
 import optax
 
 import kure_jax
-from kure_jax import kernels
 from kure_jax.models import get_model
 from kure_jax.qat import QATConfig, init_quant_from_params, quantized_apply
 
@@ -104,7 +103,7 @@ def _bench_step(name: str, model, batch, timer):
     init, apply, trainable_keys = _variant(name, model, batch["image"])
     penalty = None
     if "KURE" in name:
-        penalty = (functools.partial(kernels.penalty, impl="pallas") if "KURE[pallas]" in name
+        penalty = (functools.partial(kure_jax.penalty, impl="pallas") if "KURE[pallas]" in name
                    else kure_jax.penalty)
     tx = optax.sgd(0.1, momentum=0.9)
     variables = init()

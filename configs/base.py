@@ -24,16 +24,23 @@ The fields:
   (``b1``, ``b2``, ``eps``); ``learning_rate``; ``weight_decay`` (optax, on params only).
 * ``schedule``: ``name`` "constant", "cosine" or "step" (``milestones`` in epochs,
   multiplied by ``gamma``), after ``warmup_epochs`` of linear warmup.
-* ``init_from``: a workdir or checkpoint directory of an earlier run whose best params
-  and batch_stats start this run (e.g. QAT fine-tuning of a float KURE model); ``""``
-  for a random init. Ignored when resuming from ``workdir``.
+* ``init_from``: a workdir or checkpoint directory whose best params and batch_stats start
+  this run, with a fresh optimizer state and step 0: an earlier run (e.g. QAT fine-tuning
+  of a float KURE model) or torchvision weights converted by ``python -m
+  kure_jax.models.convert``. ``None`` (default) for a random init. Ignored when resuming from
+  ``workdir``; a checkpoint of another model or class count fails at start-up.
 * ``label_smoothing`` in [0, 1); ``dtype`` "float32" or "bfloat16" (compute dtype;
   parameters stay float32); ``seed`` (init, data order, dropout).
 * ``kure``: ``lambda_`` (0 disables the penalty), ``target`` K_T, ``selection``
   "kernels" (every conv/dense kernel) or "paper" (all but the first conv and the
   classifier), ``reduction`` "mean" (paper), "sum" or "max", ``penalty_impl`` "auto",
   "jnp" or "pallas" (``kure_jax.training.StepConfig.penalty_impl``).
-* ``qat``: ``enabled`` plus the fields of ``kure_jax.qat.QATConfig``.
+* ``qat``: ``enabled`` plus the fields of ``kure_jax.qat.QATConfig``, and multi-bit QAT:
+  ``bits`` (``None``: the one width of ``weight_bits``/``act_bits``; a tuple, e.g. ``(8, 4,
+  2)``: train every width, replacing ``weight_bits``/``act_bits`` that are not ``None``, so
+  ``act_bits=None`` keeps activations float), ``multibit`` "sum" (one forward per width, the
+  sum of their losses) or "sample" (one width per step), ``bn_per_bits`` (BatchNorm
+  statistics per width); stateless quantizers only (``kure_jax.training.multibit``).
 * ``parallel``: "jit" (mesh + NamedSharding, default) or "pmap".
 * ``log_every_steps``; ``eval_every_steps`` and ``checkpoint_every_steps`` (0: once per
   epoch); ``keep_checkpoints`` latest and ``keep_best`` best-by-accuracy checkpoints.
@@ -83,7 +90,8 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     config.schedule.milestones = (30, 60)
     config.schedule.gamma = 0.1
 
-    config.init_from = ""  # a workdir/checkpoint to take params and batch_stats from
+    # A workdir/checkpoint to take params and batch_stats from (--config.init_from=DIR).
+    config.init_from = ml_collections.config_dict.placeholder(str)
     config.label_smoothing = 0.0
     config.dtype = "float32"
     config.seed = 0
@@ -109,6 +117,10 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     # "jnp": XLA fuses the fake quantisation; "pallas" / "auto" use the fused kernels of
     # kure_jax.kernels (QATConfig.kernel_impl; not yet timed inside a training step).
     config.qat.kernel_impl = "jnp"
+    # Multi-bit QAT (kure_jax.training.multibit): --config.qat.bits=(8,4,2) trains every width.
+    config.qat.bits = ml_collections.config_dict.placeholder(tuple)
+    config.qat.multibit = "sum"
+    config.qat.bn_per_bits = False
 
     config.parallel = "jit"
     config.log_every_steps = 50

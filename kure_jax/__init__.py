@@ -8,10 +8,14 @@ from kure_jax import theory as theory
 from kure_jax.kurtosis import REDUCTIONS as REDUCTIONS
 from kure_jax.kurtosis import UNIFORM_KURTOSIS as UNIFORM_KURTOSIS
 from kure_jax.kurtosis import AddPenaltyState as AddPenaltyState
+from kure_jax.kurtosis import Moments as Moments
 from kure_jax.kurtosis import add_penalty as add_penalty
 from kure_jax.kurtosis import kurtosis as kurtosis
+from kure_jax.kurtosis import kurtosis_many as kurtosis_many
 from kure_jax.kurtosis import kurtosis_report as kurtosis_report
 from kure_jax.kurtosis import penalty as penalty
+from kure_jax.kurtosis import penalty_and_kurtosis as penalty_and_kurtosis
+from kure_jax.kurtosis import tensor_moments as tensor_moments
 from kure_jax.qat import LEARNED_QUANTIZERS as LEARNED_QUANTIZERS
 from kure_jax.qat import QUANT_COLLECTION as QUANT_COLLECTION
 from kure_jax.qat import QUANTIZERS as QUANTIZERS
@@ -57,6 +61,7 @@ __all__ = [
     "UNIFORM_KURTOSIS",
     "AddPenaltyState",
     "LayerRule",
+    "Moments",
     "QATConfig",
     "QuantPolicy",
     "add_penalty",
@@ -68,12 +73,14 @@ __all__ = [
     "init_quant_from_params",
     "integer_range",
     "kurtosis",
+    "kurtosis_many",
     "kurtosis_report",
     "learned_clip_quant",
     "lsq_init_scale",
     "paper_selection",
     "path_to_str",
     "penalty",
+    "penalty_and_kurtosis",
     "quantize",
     "quantize_params",
     "quantized_apply",
@@ -81,5 +88,6 @@ __all__ = [
     "round_values",
     "select",
     "selection_mask",
+    "tensor_moments",
     "theory",
 ]

@@ -9,6 +9,14 @@ flatter MSE around its optimal step than a normal (3) or Laplace (6) one:
 
    \\mathrm{Kurt}[W] = \\frac{E[(W - \\mu)^4]}{\\sigma^4}, \\qquad
    L_{KURE} = \\frac{1}{L} \\sum_{i=1}^{L} (\\mathrm{Kurt}[W_i] - K_T)^2 .
+
+Per-tensor kurtosis of many tensors (:func:`kurtosis_many`, :func:`tensor_moments`,
+:func:`penalty`, :func:`penalty_and_kurtosis`) takes ``impl``: ``"jnp"`` (default, one
+:func:`kurtosis` per tensor), ``"pallas"`` (the fused kernels of :mod:`kure_jax.kernels`: one
+launch reads every tensor once, one more pass gives the gradient; float32/bfloat16/float16
+tensors; results within ~1e-6 relative of jnp), ``"auto"`` (the kernel on the backends where it
+was measured faster, ``kure_jax.kernels.AUTO_PALLAS_BACKENDS``) or ``None``
+(``$KURE_JAX_KERNELS``, else ``"auto"``).
 """
 
 from __future__ import annotations
@@ -23,7 +31,9 @@ import numpy as np
 import optax
 from jax.typing import ArrayLike
 
+from kure_jax import kernels
 from kure_jax._axes import canonical_axes
+from kure_jax._deprecation import deprecated_getattr
 from kure_jax.selection import LeafPredicate, select
 
 PyTree = Any
@@ -36,10 +46,14 @@ __all__ = [
     "REDUCTIONS",
     "UNIFORM_KURTOSIS",
     "AddPenaltyState",
+    "Moments",
     "add_penalty",
     "kurtosis",
+    "kurtosis_many",
     "kurtosis_report",
     "penalty",
+    "penalty_and_kurtosis",
+    "tensor_moments",
 ]
 
 
@@ -131,15 +145,137 @@ def validate_ddof(ddof: int | jax.Array) -> int | jax.Array:
     return int(ddof)
 
 
-def _leaf_terms(
-    params: PyTree, target: float, where: LeafPredicate | None, axis: Axis, ddof: int
-) -> list[tuple[str, jax.Array]]:
-    terms = []
-    for name, leaf in select(params, where):
-        _normalise_axis(axis, jnp.ndim(leaf), what=f"leaf {name!r}")
-        kurt = kurtosis(leaf, axis, ddof=ddof)
-        terms.append((name, jnp.mean((kurt - target) ** 2)))
-    return terms
+class Moments(NamedTuple):
+    """Per-tensor statistics, each a float32 array of shape ``(num_tensors,)``.
+
+    Attributes:
+      mean: ``E[x]``.
+      m2: ``E[(x - mean)^2]`` (the ``ddof=0`` variance).
+      m3: ``E[(x - mean)^3]``.
+      m4: ``E[(x - mean)^4]``.
+      absmax: ``max |x|``.
+    """
+
+    mean: jax.Array
+    m2: jax.Array
+    m3: jax.Array
+    m4: jax.Array
+    absmax: jax.Array
+
+
+def _as_tensors(tensors: Sequence[ArrayLike]) -> list[jax.Array]:
+    # A lone array is a sequence of its rows to Python; a dict iterates over its keys.
+    if not isinstance(tensors, Sequence) or isinstance(tensors, str):
+        raise TypeError(
+            f"expected a list or tuple of arrays; got {type(tensors).__name__} (wrap a single "
+            "array in a list; for a pytree use kure_jax.penalty or jax.tree.leaves)."
+        )
+    tensors = [jnp.asarray(t) for t in tensors]
+    if not tensors:
+        raise ValueError("expected a non-empty sequence of arrays; got none.")
+    empty = [t.shape for t in tensors if t.size == 0]
+    if empty:
+        raise ValueError(f"tensors must not be empty; got shapes {empty}.")
+    return tensors
+
+
+def _takes_kernel(tensors: Sequence[jax.Array], impl: str | None, *,
+                  extra_problem: str | None = None) -> bool:
+    """Whether ``impl`` runs the moment kernels on ``tensors``; a refusal of a kernel asked for
+    by name (``impl="pallas"``) raises ValueError, ``"auto"`` falls back to jnp."""
+    choice, strict = kernels.resolve_impl(impl)
+    if choice != "pallas":
+        return False
+    problem = extra_problem or kernels.moments_problem(tensors)
+    if problem is not None and strict:
+        raise ValueError(f"impl='pallas' cannot handle {problem}; use impl='jnp' or 'auto'.")
+    return problem is None
+
+
+def tensor_moments(
+    tensors: Sequence[ArrayLike],
+    *,
+    impl: str | None = "jnp",
+    platform: str | None = None,
+    interpret: bool | None = None,
+    block_size: int | None = None,
+) -> Moments:
+    """Mean, central moments 2-4 and max-abs of each tensor (one kernel launch for all on the
+    kernel path).
+
+    Not differentiable on the kernel path (use :func:`kurtosis_many` or :func:`penalty`).
+
+    Args:
+      tensors: non-empty sequence of float arrays of any shapes (computed in float32, or
+        float64 for float64 tensors on the jnp path).
+      impl: ``"jnp"``, ``"pallas"``, ``"auto"`` or ``None`` (module docstring).
+      platform: kernel option, ``"gpu"`` or ``"tpu"`` variant (``None``: the local backend).
+      interpret: kernel option, run in the Pallas interpreter (``None``: only off GPU/TPU).
+      block_size: kernel option, elements per block (a power of two on GPU, a multiple of 1024
+        on TPU; ``None``: one per platform). Kernel options are checked when the kernel runs.
+
+    Returns:
+      :class:`Moments`.
+
+    Raises:
+      TypeError: if ``tensors`` is not a list or tuple (e.g. a single array).
+      ValueError: for an empty sequence, an empty tensor, an invalid ``impl`` or kernel option,
+        or (``impl="pallas"``) an unsupported dtype.
+    """
+    tensors = _as_tensors(tensors)
+    if _takes_kernel(tensors, impl):
+        return Moments(*kernels.moments_pallas(tensors, platform=platform, interpret=interpret,
+                                               block_size=block_size))
+    stats = []
+    for t in tensors:
+        x = t.astype(jnp.promote_types(t.dtype, jnp.float32)).reshape(-1)
+        d = x - jnp.mean(x)
+        stats.append((jnp.mean(x), jnp.mean(d**2), jnp.mean(d**3), jnp.mean(d**4),
+                      jnp.max(jnp.abs(x))))
+    return Moments(*(jnp.stack(column) for column in zip(*stats, strict=True)))
+
+
+def kurtosis_many(
+    tensors: Sequence[ArrayLike],
+    *,
+    ddof: int = 0,
+    impl: str | None = "jnp",
+    platform: str | None = None,
+    interpret: bool | None = None,
+    block_size: int | None = None,
+) -> jax.Array:
+    """Kurtosis of each tensor, ``kurtosis(t, ddof=ddof)`` for each ``t``.
+
+    Differentiable on both paths; on the kernel path all tensors are read in one launch and the
+    gradient is one more fused pass.
+
+    Args:
+      tensors: non-empty sequence of float arrays of any shapes.
+      ddof: delta degrees of freedom of the variance (0: moments; 1: the KURE reference).
+      impl: as in :func:`tensor_moments`; the jnp path calls :func:`kurtosis` per tensor.
+      platform: as in :func:`tensor_moments`.
+      interpret: as in :func:`tensor_moments`.
+      block_size: as in :func:`tensor_moments`.
+
+    Returns:
+      float32 array of shape ``(len(tensors),)``.
+
+    Raises:
+      TypeError, ValueError: as :func:`tensor_moments`, or (ValueError) for a ``ddof`` that is not
+        an int >= 0 or a tensor with no more than ``ddof`` elements.
+    """
+    tensors = _as_tensors(tensors)
+    ddof = validate_ddof(ddof)
+    if isinstance(ddof, int):  # A traced ddof (inject_hyperparams) cannot be range-checked.
+        small = [t.shape for t in tensors if t.size <= ddof]
+        if small:
+            raise ValueError(
+                f"kurtosis needs > ddof={ddof} elements per tensor; got shapes {small}.")
+    traced = None if isinstance(ddof, int) else "a traced ddof (the kernels need a static int)"
+    if _takes_kernel(tensors, impl, extra_problem=traced):
+        return kernels.kurtosis_pallas(tensors, ddof=ddof, platform=platform,
+                                       interpret=interpret, block_size=block_size)
+    return jnp.stack([kurtosis(t, ddof=ddof).astype(jnp.float32) for t in tensors])
 
 
 def penalty(
@@ -150,6 +286,10 @@ def penalty(
     reduction: Reduction = "mean",
     axis: Axis = None,
     ddof: int = 0,
+    impl: str | None = "jnp",
+    platform: str | None = None,
+    interpret: bool | None = None,
+    block_size: int | None = None,
 ) -> jax.Array:
     """The KURE term ``reduce_i (Kurt[W_i] - target)^2`` over the selected leaves.
 
@@ -166,27 +306,83 @@ def penalty(
       reduction: ``"mean"`` (paper), ``"sum"`` or ``"max"`` over the selected leaves.
       axis: ``None`` for per-tensor kurtosis (paper), or the axes to reduce per leaf
         for per-channel kurtosis; each leaf's term is then the mean over its channels.
+        Per-channel kurtosis has no kernel: ``impl="auto"`` runs it in jnp.
       ddof: 0 (fourth standardised moment) or 1 (reference's unbiased std).
+      impl: how the per-tensor kurtosis is computed (module docstring): ``"jnp"`` (default),
+        ``"pallas"``, ``"auto"`` or ``None``; the same value and gradient within ~1e-6.
+      platform: kernel option, as in :func:`tensor_moments`.
+      interpret: kernel option, as in :func:`tensor_moments`.
+      block_size: kernel option, as in :func:`tensor_moments`.
 
     Returns:
       A float32 scalar.
 
     Raises:
       ValueError: if the selection matches no leaf (message names what was
-        searched), ``reduction`` is unknown, or ``axis`` does not fit a leaf.
+        searched), ``reduction`` is unknown, ``axis`` does not fit a leaf, ``impl`` or a kernel
+        option is invalid, or ``impl="pallas"`` is given ``axis`` or an unsupported dtype.
     """
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}; got {reduction!r}.")
-    terms = jnp.stack([term for _, term in _leaf_terms(params, target, where, axis, ddof)])
-    return reduce_penalty_terms(terms, reduction)
+    if axis is None:
+        return penalty_and_kurtosis(params, target, where=where, reduction=reduction, ddof=ddof,
+                                    impl=impl, platform=platform, interpret=interpret,
+                                    block_size=block_size)[0]
+    choice, strict = kernels.resolve_impl(impl)
+    if choice == "pallas" and strict:
+        raise ValueError("impl='pallas' computes per-tensor kurtosis only; use axis=None.")
+    terms = []
+    for name, leaf in select(params, where):
+        _normalise_axis(axis, jnp.ndim(leaf), what=f"leaf {name!r}")
+        terms.append(jnp.mean((kurtosis(leaf, axis, ddof=ddof) - target) ** 2))
+    return _reduce_terms(jnp.stack(terms), reduction)
 
 
-def reduce_penalty_terms(terms: jax.Array, reduction: str) -> jax.Array:
-    """``"mean"``, ``"sum"`` or ``"max"`` (one of ``REDUCTIONS``) of the per-leaf terms ``(n,)``.
+def penalty_and_kurtosis(
+    params: PyTree,
+    target: float = UNIFORM_KURTOSIS,
+    *,
+    where: LeafPredicate | None = None,
+    reduction: Reduction = "mean",
+    ddof: int = 0,
+    impl: str | None = "jnp",
+    platform: str | None = None,
+    interpret: bool | None = None,
+    block_size: int | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """:func:`penalty` (per tensor) and the kurtosis vector it was computed from, in one pass.
 
-    Shared by :func:`penalty`, ``kure_jax.kernels.penalty`` and the training step, which
-    validate ``reduction`` up front (a ``KeyError`` here means they did not).
+    For a training step that adds the penalty to its loss and logs the kurtosis: computing
+    them separately would read every selected tensor once more.
+
+    Args:
+      params: any pytree of arrays.
+      target: the kurtosis target ``K_T``.
+      where: leaf selection as in :func:`penalty`.
+      reduction: ``"mean"``, ``"sum"`` or ``"max"``.
+      ddof: as in :func:`kurtosis`.
+      impl: as in :func:`penalty`.
+      platform: kernel option, as in :func:`tensor_moments`.
+      interpret: kernel option, as in :func:`tensor_moments`.
+      block_size: kernel option, as in :func:`tensor_moments`.
+
+    Returns:
+      ``(penalty, kurt)``: a float32 scalar and the float32 ``(n,)`` kurtosis of the ``n``
+      selected leaves in :func:`kure_jax.select` order; both differentiable.
+
+    Raises:
+      ValueError: as :func:`penalty`.
     """
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}; got {reduction!r}.")
+    leaves = [leaf for _, leaf in select(params, where)]
+    kurt = kurtosis_many(leaves, ddof=ddof, impl=impl, platform=platform, interpret=interpret,
+                         block_size=block_size)
+    return _reduce_terms((kurt - target) ** 2, reduction), kurt
+
+
+def _reduce_terms(terms: jax.Array, reduction: str) -> jax.Array:
+    """``"mean"``, ``"sum"`` or ``"max"`` of the per-leaf terms ``(n,)`` (validated upstream)."""
     return {"mean": jnp.mean, "sum": jnp.sum, "max": jnp.max}[reduction](terms)
 
 
@@ -306,3 +502,10 @@ def _static_axis(axis: Axis | jax.Array) -> Axis:
             raise ValueError(f"axis must be None, an int or a tuple of ints; got {axis!r}.")
         return int(axis)
     return axis
+
+
+__getattr__ = deprecated_getattr(__name__, {
+    "reduce_penalty_terms": (
+        "kure_jax.kurtosis.reduce_penalty_terms is deprecated: use penalty or "
+        "penalty_and_kurtosis, which reduce the terms themselves.", _reduce_terms),
+})

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import kure_jax
-from kure_jax import kernels, theory
+from kure_jax import theory
 
 X = jnp.array([0.26, -1.0, 3.0])
 R = jnp.asarray(np.random.default_rng(0).normal(size=(4, 6)), jnp.float32)
@@ -23,15 +23,16 @@ CASES = {
                         "signed must be True or False"),
     "int as key": (lambda: kure_jax.fake_quant(X, 0.5, bits=4, rounding="stochastic", key=0),
                    "key must be a PRNG key"),
-    "int as key, kernels": (lambda: kernels.fake_quant(X, 0.5, bits=4, rounding="stochastic",
-                                                       key=0, impl="jnp"),
-                            "key must be a PRNG key"),
+    "int as key, kernels' noise": (lambda: kure_jax.fake_quant(X, 0.5, bits=4,
+                                                               rounding="stochastic", key=0,
+                                                               impl="jnp", noise="hash"),
+                                   "key must be a PRNG key"),
     "dict as policy": (lambda: kure_jax.quantize(X, {"bits": 4}), "policy must be a QuantPolicy"),
     "dict as QATConfig": (lambda: kure_jax.quantized_init(nn.Dense(2), jax.random.key(0), R,
                                                           qat={"weight_bits": 4}),
                           "qat must be a QATConfig"),
-    "int block_shape": (lambda: kernels.fake_quant(R, 0.5, bits=4, impl="pallas",
-                                                   block_shape=8),
+    "int block_shape": (lambda: kure_jax.fake_quant(R, 0.5, bits=4, impl="pallas",
+                                                    block_shape=8),
                         "block_shape must be a pair"),
     "bool step in theory": (lambda: theory.quantization_mse("normal", bits=4, step=True),
                             "step must be a finite number"),
@@ -41,8 +42,8 @@ CASES = {
     "repeated axis, PTQ": (lambda: kure_jax.quantize_params({"a": {"kernel": R}},
                                                             kure_jax.QuantPolicy(axis=(1, -1))),
                            "leaf 'a/kernel'.*names the same axis twice"),
-    "repeated axis, kernel": (lambda: kernels.absmax_fake_quant(R, bits=4, axis=(1, -1),
-                                                                impl="pallas"),
+    "repeated axis, kernel": (lambda: kure_jax.quantize(R, kure_jax.QuantPolicy(axis=(1, -1)),
+                                                        impl="pallas"),
                               "names the same axis twice"),
     "empty leaf, PTQ": (lambda: kure_jax.quantize_params({"kernel": jnp.zeros((0, 3))}),
                         "'kernel' is empty"),

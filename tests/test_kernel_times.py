@@ -133,7 +133,7 @@ def test_merge_ab_rows_agree_and_match_the_kernels_layout():
     (_, _, segment, stats), (_, _, masked, _) = rows
     for a, b in zip(jax.jit(segment)(stats), jax.jit(masked)(stats), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-6)
-    # The benchmark's blocks are the GPU kernel's (same workload as inside kernels.penalty).
+    # The benchmark's blocks are the GPU kernel's (same workload as penalty(impl='pallas')).
     from kure_jax.kernels import _moment_kernels
 
     sizes = [3, 300, 5000, 4096, 70000]

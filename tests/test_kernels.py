@@ -1,7 +1,10 @@
 """Tests of kure_jax.kernels: every Pallas kernel in interpret mode against its reference.
 
-References: ``kure_jax.quant.fake_quant`` / ``kure_jax.policy.quantize`` (themselves tested
-against NumPy), NumPy float64 moments written here, and ``jax.grad`` of ``kure_jax.penalty``.
+The kernels run through the core's ``impl="pallas"`` (``kure_jax.fake_quant``,
+``kure_jax.quantize``, ``kure_jax.penalty``, ``kurtosis_many``, ``tensor_moments``). References:
+the same functions with ``impl="jnp"`` (themselves tested against NumPy), NumPy float64 moments
+written here, and ``jax.grad`` of the jnp ``kure_jax.penalty``. The deprecated
+``kure_jax.kernels`` entry points are checked at the end.
 Small blocks make every shape span several tiles with partial edge tiles. The Triton (CUDA) and
 Mosaic (TPU) lowerings are checked with ``jax.export`` from CPU: that runs the Pallas lowering
 (unsupported primitives, block-shape rules) but not the Triton/Mosaic compilers themselves.
@@ -22,6 +25,8 @@ import kure_jax
 from kure_jax import kernels, quant
 from kure_jax.kernels import _config, _ops
 from kure_jax.quant.policy import QuantPolicy
+
+HASH = {"noise": "hash"}  # The kernels' noise stream, on the jnp path too.
 
 PALLAS = {"impl": "pallas", "interpret": True}
 BLOCK = (4, 8)  # Tiny tiles: (13, 10) -> 4 x 2 tiles, the last ones partial.
@@ -115,7 +120,7 @@ _GROUPINGS = {  # x shape -> step shape: per tensor, per trailing channel, per l
 def test_fake_quant_matches_core_bit_for_bit(grouping, dtype, rounding):
     shape, step_shape = _GROUPINGS[grouping]
     x, s = _normal(shape, dtype) * 1.5, _step(step_shape)
-    ours = jax.jit(functools.partial(kernels.fake_quant, bits=3, rounding=rounding,
+    ours = jax.jit(functools.partial(kure_jax.fake_quant, bits=3, rounding=rounding,
                                      block_shape=BLOCK, **PALLAS))(x, s)
     ref = quant.fake_quant(x, s, bits=3, rounding=rounding)
     assert ours.dtype == dtype and ours.shape == shape
@@ -132,7 +137,7 @@ def test_fake_quant_gradients_match_core(grouping, dtype):
     def loss(fq, x, s):
         return jnp.sum(fq(x, s).astype(jnp.float32) * weights)
 
-    ours = functools.partial(kernels.fake_quant, bits=4, signed=grouping != "row",
+    ours = functools.partial(kure_jax.fake_quant, bits=4, signed=grouping != "row",
                              lsq_grad_scale=True, block_shape=BLOCK, **PALLAS)
     ref = functools.partial(quant.fake_quant, bits=4, signed=grouping != "row",
                             lsq_grad_scale=True)
@@ -147,7 +152,7 @@ def test_fake_quant_gradients_match_core(grouping, dtype):
 
 def test_fake_quant_vmaps_over_a_batch():
     xs, ss = _normal((3, 13, 10)), _step((3,))
-    f = functools.partial(kernels.fake_quant, bits=4, block_shape=BLOCK, **PALLAS)
+    f = functools.partial(kure_jax.fake_quant, bits=4, block_shape=BLOCK, **PALLAS)
     batched = jax.jit(jax.vmap(f))(xs, ss)
     for i in range(3):
         np.testing.assert_array_equal(batched[i], quant.fake_quant(xs[i], ss[i], bits=4))
@@ -161,8 +166,9 @@ def test_fake_quant_vmaps_over_a_batch():
 def test_stochastic_kernel_matches_jnp_path_and_ignores_block_shape(grouping):
     shape, step_shape = _GROUPINGS[grouping]
     x, s, key = _normal(shape), _step(step_shape), jax.random.key(7)
-    f = lambda impl, block: kernels.fake_quant(x, s, bits=8, rounding="stochastic", key=key,
-                                               impl=impl, interpret=True, block_shape=block)
+    f = lambda impl, block: kure_jax.fake_quant(x, s, bits=8, rounding="stochastic", key=key,
+                                                impl=impl, interpret=True, block_shape=block,
+                                                **HASH)
     ref = f("jnp", None)
     np.testing.assert_array_equal(f("pallas", BLOCK), ref)
     np.testing.assert_array_equal(f("pallas", (8, 4)), ref)
@@ -175,7 +181,7 @@ def test_stochastic_kernel_matches_jnp_path_and_ignores_block_shape(grouping):
 def test_stochastic_rounding_is_unbiased_and_keyed():
     n, frac = 1 << 14, 0.3
     x = jnp.full((n // 128, 128), 2.0 + frac, jnp.float32)  # step 1: codes 2 or 3.
-    f = jax.jit(lambda key: kernels.fake_quant(x, 1.0, bits=8, rounding="stochastic", key=key,
+    f = jax.jit(lambda key: kure_jax.fake_quant(x, 1.0, bits=8, rounding="stochastic", key=key,
                                                block_shape=(16, 128), **PALLAS))
     y0, y1 = np.asarray(f(jax.random.key(0))), np.asarray(f(jax.random.key(1)))
     p = (y0 == 3.0).mean()
@@ -186,14 +192,14 @@ def test_stochastic_rounding_is_unbiased_and_keyed():
 
 def test_stochastic_gradient_is_straight_through():
     x = _normal((13, 10))
-    g = jax.grad(lambda x: jnp.sum(kernels.fake_quant(
+    g = jax.grad(lambda x: jnp.sum(kure_jax.fake_quant(
         x, 0.5, bits=8, rounding="stochastic", key=jax.random.key(0), block_shape=BLOCK,
         **PALLAS)))(x)
     np.testing.assert_array_equal(g, np.ones_like(g))
 
 
 # ---------------------------------------------------------------------------------------------
-# absmax_fake_quant.
+# quantize with an absmax step (QuantPolicy clip="max").
 
 
 @pytest.mark.parametrize(
@@ -202,11 +208,10 @@ def test_stochastic_gradient_is_straight_through():
      ((3, 3, 5, 6), (2, 3), jnp.float32), ((13, 10), 0, jnp.float32),
      ((6, 5, 3), (0, 1), jnp.bfloat16)],
 )
-def test_absmax_fake_quant_matches_policy(shape, axis, dtype):
+def test_absmax_kernel_matches_jnp_quantize(shape, axis, dtype):
     x, ratio = _normal(shape, dtype) * 2, jnp.float32(0.9)  # ratio < 1 makes some values clip.
     policy = QuantPolicy(bits=4, axis=axis)
-    ours = lambda x, r: kernels.absmax_fake_quant(x, bits=4, axis=axis, step_ratio=r,
-                                                  block_shape=BLOCK, **PALLAS)
+    ours = lambda x, r: kure_jax.quantize(x, policy, step_ratio=r, block_shape=BLOCK, **PALLAS)
     ref = lambda x, r: kure_jax.quantize(x, policy, step_ratio=r)
     np.testing.assert_array_equal(np.asarray(jax.jit(ours)(x, ratio), np.float32),
                                   np.asarray(ref(x, ratio), np.float32))
@@ -220,12 +225,13 @@ def test_absmax_fake_quant_matches_policy(shape, axis, dtype):
 
 def test_middle_channel_axis_uses_jnp_under_auto_and_raises_under_pallas():
     x = _normal((4, 5, 6))
+    policy = QuantPolicy(bits=4, axis=1)
     with pytest.raises(ValueError, match="middle axes"):
-        kernels.absmax_fake_quant(x, bits=4, axis=1, **PALLAS)
-    np.testing.assert_array_equal(kernels.absmax_fake_quant(x, bits=4, axis=1, impl="auto"),
-                                  kure_jax.quantize(x, QuantPolicy(bits=4, axis=1)))
+        kure_jax.quantize(x, policy, **PALLAS)
+    np.testing.assert_array_equal(kure_jax.quantize(x, policy, impl="auto"),
+                                  kure_jax.quantize(x, policy))
     with pytest.raises(ValueError, match="dtype int32"):
-        kernels.fake_quant(jnp.ones((4, 4), jnp.int32), 1.0, bits=4, **PALLAS)
+        kure_jax.fake_quant(jnp.ones((4, 4), jnp.int32), 1.0, bits=4, **PALLAS)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -268,7 +274,7 @@ def _assert_grads_close(got, want, rel):
 
 def test_tensor_moments_match_numpy_float64():
     leaves = [leaf for _, leaf in kure_jax.select(_params(offset=100.0))]
-    got = jax.jit(lambda ts: kernels.tensor_moments(ts, block_size=64, **PALLAS))(leaves)
+    got = jax.jit(lambda ts: kure_jax.tensor_moments(ts, block_size=64, **PALLAS))(leaves)
     for i, leaf in enumerate(leaves):
         w = np.asarray(leaf, np.float64).ravel()
         d = w - w.mean()
@@ -285,7 +291,7 @@ def test_kurtosis_many_matches_float64_with_gradient(ddof):
     # A mean 350x the spread: per-block centring after a per-tensor shift keeps 1e-6 accuracy.
     leaves = [leaf for _, leaf in kure_jax.select(_params(offset=100.0))]
     leaves.append(jnp.full((5, 4), 2.5))
-    ours = jax.jit(lambda ts: kernels.kurtosis_many(ts, ddof=ddof, block_size=128, **PALLAS))
+    ours = jax.jit(lambda ts: kure_jax.kurtosis_many(ts, ddof=ddof, block_size=128, **PALLAS))
     want = [_np_kurtosis(t, ddof) for t in leaves[:-1]]
     np.testing.assert_allclose(ours(leaves)[:-1], [k for k, _ in want], rtol=2e-6)
     assert float(ours(leaves)[-1]) == 0.0  # Constant tensor: 0, as kure_jax.kurtosis.
@@ -307,20 +313,20 @@ def test_kurtosis_many_is_scale_free(scale):
     base = [np.asarray(leaf, np.float64) for _, leaf in kure_jax.select(_params(offset=3.0))
             if leaf.dtype == jnp.float32]
     leaves = [jnp.asarray(w * scale, jnp.float32) for w in base]
-    ours = jax.jit(lambda ts: kernels.kurtosis_many(ts, block_size=64, **PALLAS))
+    ours = jax.jit(lambda ts: kure_jax.kurtosis_many(ts, block_size=64, **PALLAS))
     want = [_np_kurtosis(w, 0) for w in base]
     np.testing.assert_allclose(ours(leaves), [k for k, _ in want], rtol=2e-6)
     grads = jax.grad(lambda ts: jnp.sum(ours(ts)))(leaves)
     _assert_grads_close([g * scale for g in grads], [g for _, g in want], rel=1e-5)
     if 1e-10 <= scale <= 1e10:  # Raw moments themselves are float32 (m2 ~ scale^2).
-        moments = kernels.tensor_moments(leaves[:1], block_size=64, **PALLAS)
+        moments = kure_jax.tensor_moments(leaves[:1], block_size=64, **PALLAS)
         np.testing.assert_allclose(float(moments.m2[0]) / scale**2, np.var(base[0]), rtol=1e-5)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "max"])
 def test_penalty_and_gradient_match_core(reduction):
     params = _params()
-    ours = lambda p: kernels.penalty(p, reduction=reduction, ddof=1, block_size=128, **PALLAS)
+    ours = lambda p: kure_jax.penalty(p, reduction=reduction, ddof=1, block_size=128, **PALLAS)
     ref = lambda p: kure_jax.penalty(p, reduction=reduction, ddof=1)
     value, grads = jax.jit(jax.value_and_grad(ours))(params)
     ref_value, ref_grads = jax.value_and_grad(ref)(params)
@@ -335,7 +341,7 @@ def test_penalty_and_gradient_match_core(reduction):
 def test_penalty_gradient_matches_float64_formula():
     params = _params(offset=100.0)
     value, grads = jax.jit(jax.value_and_grad(
-        lambda p: kernels.penalty(p, block_size=128, **PALLAS)))(params)
+        lambda p: kure_jax.penalty(p, block_size=128, **PALLAS)))(params)
     names = [name for name, _ in kure_jax.select(params)]
     want = {name: _np_kurtosis(leaf, 0) for name, leaf in kure_jax.select(params)}
     terms = [(k - kure_jax.UNIFORM_KURTOSIS) ** 2 for k, _ in want.values()]
@@ -353,16 +359,16 @@ def test_penalty_gradient_matches_float64_formula():
 def test_penalty_selection_and_axis_fallback():
     params = _params()
     where = lambda path, leaf: path[0] in ("block", "tiny") and path[-1] == "kernel"
-    np.testing.assert_allclose(kernels.penalty(params, where=where, block_size=128, **PALLAS),
+    np.testing.assert_allclose(kure_jax.penalty(params, where=where, block_size=128, **PALLAS),
                                kure_jax.penalty(params, where=where), rtol=2e-5)
     per_channel = kure_jax.penalty(params, axis=0)
-    assert float(kernels.penalty(params, axis=0, impl="auto")) == float(per_channel)
+    assert float(kure_jax.penalty(params, axis=0, impl="auto")) == float(per_channel)
     with pytest.raises(ValueError, match="per-tensor"):
-        kernels.penalty(params, axis=0, **PALLAS)
+        kure_jax.penalty(params, axis=0, **PALLAS)
     with pytest.raises(ValueError, match="reduction"):
-        kernels.penalty(params, reduction="median", **PALLAS)
+        kure_jax.penalty(params, reduction="median", **PALLAS)
     with pytest.raises(ValueError):
-        kernels.penalty({"b": jnp.ones(3)}, **PALLAS)  # Nothing selected.
+        kure_jax.penalty({"b": jnp.ones(3)}, **PALLAS)  # Nothing selected.
 
 
 # ---------------------------------------------------------------------------------------------
@@ -375,7 +381,7 @@ def _uses_pallas(fn, *args) -> bool:
 
 def test_dispatch_defaults_to_jnp_on_cpu_and_follows_env(monkeypatch):
     x = _normal((13, 10))
-    f = lambda impl: lambda x: kernels.fake_quant(x, 0.5, bits=4, impl=impl, interpret=True)
+    f = lambda impl: lambda x: kure_jax.fake_quant(x, 0.5, bits=4, impl=impl, interpret=True)
     monkeypatch.delenv(_config.ENV_VAR, raising=False)
     assert not _uses_pallas(f(None), x) and not _uses_pallas(f("auto"), x)
     assert _uses_pallas(f("pallas"), x)
@@ -388,7 +394,7 @@ def test_dispatch_defaults_to_jnp_on_cpu_and_follows_env(monkeypatch):
         f("cuda")(x)
 
 
-@pytest.mark.parametrize("op", ["fake_quant", "absmax_fake_quant"])
+@pytest.mark.parametrize("op", ["fake_quant", "quantize"])
 @pytest.mark.parametrize(
     "dtype, rounding, kernel",
     [("bfloat16", "nearest", True), ("float16", "nearest", True), ("float32", "nearest", False),
@@ -401,9 +407,10 @@ def test_auto_on_gpu_takes_the_kernel_where_it_was_measured_faster(monkeypatch, 
     x = _normal((13, 10)).astype(dtype)
     key = jax.random.key(0)
     kw = {"bits": 4, "rounding": rounding, "key": key, "interpret": True}
-    f = {"fake_quant": lambda impl: lambda x: kernels.fake_quant(x, 0.5, impl=impl, **kw),
-         "absmax_fake_quant": lambda impl: lambda x: kernels.absmax_fake_quant(x, impl=impl,
-                                                                               **kw)}[op]
+    policy = QuantPolicy(bits=4, rounding=rounding)
+    f = {"fake_quant": lambda impl: lambda x: kure_jax.fake_quant(x, 0.5, impl=impl, **kw),
+         "quantize": lambda impl: lambda x: kure_jax.quantize(x, policy, key=key, impl=impl,
+                                                              interpret=True)}[op]
     assert _uses_pallas(f("auto"), x) == kernel
     assert _uses_pallas(f("pallas"), x)  # Asked for by name: always the kernel.
 
@@ -413,12 +420,12 @@ def test_fake_quant_lowers_for_cuda(grouping):
     shape, step_shape = (1000, 300), {"tensor": (), "col": (1, 300), "row": (1000, 1)}[grouping]
 
     def fn(x, s):
-        f = lambda x, s: kernels.fake_quant(x, s, bits=4, rounding="stochastic",
+        f = lambda x, s: kure_jax.fake_quant(x, s, bits=4, rounding="stochastic",
                                             key=jax.random.key(0), impl="pallas",
                                             platform="gpu", interpret=False)
-        amax = kernels.absmax_fake_quant(x, bits=4, axis=None if grouping == "tensor" else
-                                         (-1 if grouping == "col" else 0), impl="pallas",
-                                         platform="gpu", interpret=False)
+        policy = QuantPolicy(bits=4, axis=None if grouping == "tensor" else
+                             (-1 if grouping == "col" else 0))
+        amax = kure_jax.quantize(x, policy, impl="pallas", platform="gpu", interpret=False)
         return amax, jax.grad(lambda x, s: jnp.sum(f(x, s).astype(jnp.float32)), (0, 1))(x, s)
 
     exported = _export(fn, "cuda", jax.ShapeDtypeStruct(shape, jnp.bfloat16),
@@ -428,7 +435,7 @@ def test_fake_quant_lowers_for_cuda(grouping):
 
 def test_penalty_lowers_for_cuda():
     shapes = [(7, 7, 3, 64), (3, 3, 64, 64), (512, 1000)]
-    fn = lambda ts: jax.value_and_grad(lambda ts: kernels.penalty(
+    fn = lambda ts: jax.value_and_grad(lambda ts: kure_jax.penalty(
         list(ts), impl="pallas", platform="gpu", interpret=False))(ts)
     exported = _export(fn, "cuda", [jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes])
     assert exported.mlir_module().count("xla.gpu.triton") >= 2
@@ -436,7 +443,7 @@ def test_penalty_lowers_for_cuda():
 
 @pytest.mark.parametrize("step_shape", [(), (1, 384)])
 def test_fake_quant_lowers_for_tpu(step_shape):
-    fn = lambda x, s: jax.grad(lambda x, s: jnp.sum(kernels.fake_quant(
+    fn = lambda x, s: jax.grad(lambda x, s: jnp.sum(kure_jax.fake_quant(
         x, s, bits=4, impl="pallas", platform="tpu", interpret=False)), (0, 1))(x, s)
     exported = _export(fn, "tpu", jax.ShapeDtypeStruct((1000, 384), jnp.float32),
                        jax.ShapeDtypeStruct(step_shape, jnp.float32))
@@ -445,19 +452,19 @@ def test_fake_quant_lowers_for_tpu(step_shape):
 
 def test_tpu_variant_runs_in_interpret_mode():
     x, s = _normal((20, 300)), _step((1, 300))  # TPU tiles: (8, 128), edge tiles padded.
-    out = kernels.fake_quant(x, s, bits=4, impl="pallas", platform="tpu", interpret=True,
+    out = kure_jax.fake_quant(x, s, bits=4, impl="pallas", platform="tpu", interpret=True,
                              block_shape=(8, 128))
     np.testing.assert_array_equal(out, quant.fake_quant(x, s, bits=4))
     leaves = [_normal((20, 60)), _normal((1100,), seed=2)]  # 1024-element blocks, 2 each.
     np.testing.assert_allclose(
-        kernels.kurtosis_many(leaves, impl="pallas", platform="tpu", interpret=True,
+        kure_jax.kurtosis_many(leaves, impl="pallas", platform="tpu", interpret=True,
                               block_size=1024),
         jnp.stack([kure_jax.kurtosis(t) for t in leaves]), rtol=2e-5)
 
 
 def test_invalid_arguments_raise():
     x = _normal((13, 10))
-    fq = functools.partial(kernels.fake_quant, x, 0.5, bits=4, **PALLAS)
+    fq = functools.partial(kure_jax.fake_quant, x, 0.5, bits=4, **PALLAS)
     for bad, match in [({"block_shape": (3, 8)}, "powers of two"),
                        ({"block_shape": (4,)}, "pair"),
                        ({"platform": "cuda"}, "platform"),
@@ -466,28 +473,135 @@ def test_invalid_arguments_raise():
         with pytest.raises(ValueError, match=match):
             fq(**bad)
     with pytest.raises(ValueError, match="multiple of 8"):
-        kernels.fake_quant(x, 0.5, bits=4, impl="pallas", platform="tpu", block_shape=(4, 8))
+        kure_jax.fake_quant(x, 0.5, bits=4, impl="pallas", platform="tpu", block_shape=(4, 8))
     with pytest.raises(ValueError, match="> 0"):
-        kernels.fake_quant(x, -0.5, bits=4, **PALLAS)
+        kure_jax.fake_quant(x, -0.5, bits=4, **PALLAS)
     with pytest.raises(ValueError, match="broadcast"):
-        kernels.fake_quant(x, jnp.ones((3, 10)), bits=4, **PALLAS)
+        kure_jax.fake_quant(x, jnp.ones((3, 10)), bits=4, **PALLAS)
     with pytest.raises(ValueError, match="bits"):
-        kernels.absmax_fake_quant(x, bits=1, **PALLAS)
+        kure_jax.quantize(x, QuantPolicy(bits=1), **PALLAS)
     with pytest.raises(ValueError, match="step_ratio"):
-        kernels.absmax_fake_quant(x, bits=4, step_ratio=-1.0, **PALLAS)
+        kure_jax.quantize(x, QuantPolicy(bits=4), step_ratio=-1.0, **PALLAS)
     with pytest.raises(ValueError, match="block_size"):
-        kernels.tensor_moments([x], block_size=100, **PALLAS)
+        kure_jax.tensor_moments([x], block_size=100, **PALLAS)
     with pytest.raises(ValueError, match="non-empty"):
-        kernels.tensor_moments([], **PALLAS)
+        kure_jax.tensor_moments([], **PALLAS)
     with pytest.raises(ValueError, match="ddof"):
-        kernels.kurtosis_many([jnp.ones(1)], ddof=1, **PALLAS)
+        kure_jax.kurtosis_many([jnp.ones(1)], ddof=1, **PALLAS)
     with pytest.raises(ValueError, match="ddof must be an int >= 0"):
-        kernels.kurtosis_many([x], ddof=-1, **PALLAS)
+        kure_jax.kurtosis_many([x], ddof=-1, **PALLAS)
     with pytest.raises(ValueError, match="finite and > 0"):
-        kernels.fake_quant(x, np.inf, bits=4, **PALLAS)
+        kure_jax.fake_quant(x, np.inf, bits=4, **PALLAS)
     # A lone array would be taken as the sequence of its rows, a dict as its keys.
     for not_a_list in (x, {"a": x}):
         with pytest.raises(TypeError, match="list or tuple of arrays"):
-            kernels.kurtosis_many(not_a_list, **PALLAS)
-    np.testing.assert_allclose(kernels.kurtosis_many((x,), ddof=np.int64(1), **PALLAS),
+            kure_jax.kurtosis_many(not_a_list, **PALLAS)
+    np.testing.assert_allclose(kure_jax.kurtosis_many((x,), ddof=np.int64(1), **PALLAS),
                                kure_jax.kurtosis(x, ddof=1)[None], rtol=1e-6)
+
+
+def test_quantize_kernel_refuses_policies_it_does_not_cover():
+    x = _normal((13, 10))
+    for policy in (QuantPolicy(clip="mse"), QuantPolicy(symmetric=False),
+                   QuantPolicy(pow2_step=True), QuantPolicy(bias_correction=True)):
+        with pytest.raises(ValueError, match="this policy"):
+            kure_jax.quantize(x, policy, **PALLAS)
+        auto = kure_jax.quantize(x.astype(jnp.bfloat16), policy, impl="auto")  # jnp there
+        np.testing.assert_array_equal(auto, kure_jax.quantize(x.astype(jnp.bfloat16), policy))
+
+
+# ---------------------------------------------------------------------------------------------
+# One fake_quant, one penalty: every impl gives the jnp result.
+
+
+@pytest.mark.parametrize("rounding", ["nearest", "floor", "stochastic"])
+def test_fake_quant_pallas_equals_jnp(rounding):
+    x, s, key = _normal((13, 10)) * 1.5, _step((1, 10)), jax.random.key(3)
+    f = lambda impl: jax.value_and_grad(lambda x, s: jnp.sum(kure_jax.fake_quant(
+        x, s, bits=4, rounding=rounding, key=key, lsq_grad_scale=True, impl=impl,
+        interpret=True, block_shape=BLOCK, **HASH) * x), (0, 1))(x, s)
+    (v_pl, g_pl), (v_jnp, g_jnp) = f("pallas"), f("jnp")
+    np.testing.assert_allclose(v_pl, v_jnp, rtol=1e-6)
+    np.testing.assert_array_equal(g_pl[0], g_jnp[0])
+    np.testing.assert_allclose(g_pl[1], g_jnp[1], rtol=1e-5, atol=1e-6)
+
+
+def test_fake_quant_noise_and_zero_point_rules():
+    x, key = _normal((13, 10)), jax.random.key(0)
+    sr = functools.partial(kure_jax.fake_quant, x, 0.5, bits=4, rounding="stochastic", key=key)
+    # Default noise: jax.random on the jnp path, the hash when the kernel is asked for.
+    np.testing.assert_array_equal(sr(), sr(noise="random"))
+    np.testing.assert_array_equal(sr(**PALLAS), sr(noise="hash"))
+    assert np.any(np.asarray(sr()) != np.asarray(sr(noise="hash")))
+    with pytest.raises(ValueError, match="noise='random'"):
+        sr(noise="random", **PALLAS)
+    with pytest.raises(ValueError, match="noise must be"):
+        sr(noise="threefry")
+    with pytest.raises(ValueError, match="zero point"):
+        kure_jax.fake_quant(x, 0.5, bits=4, zero_point=1.0, **PALLAS)
+    np.testing.assert_array_equal(  # A zero point other than 0 stays on jnp under "auto".
+        kure_jax.fake_quant(x.astype(jnp.bfloat16), 0.5, bits=4, zero_point=1.0, impl="auto"),
+        kure_jax.fake_quant(x.astype(jnp.bfloat16), 0.5, bits=4, zero_point=1.0))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "max"])
+def test_penalty_equal_across_impls(reduction):
+    params = _params()
+    values = {impl: kure_jax.penalty(params, reduction=reduction, impl=impl, block_size=128,
+                                     interpret=True) for impl in kernels.IMPLS}
+    for impl, value in values.items():
+        np.testing.assert_allclose(value, values["jnp"], rtol=2e-5, err_msg=impl)
+    value, kurt = kure_jax.penalty_and_kurtosis(params, reduction=reduction, **PALLAS)
+    np.testing.assert_allclose(value, values["jnp"], rtol=2e-5)
+    np.testing.assert_allclose(kurt, kure_jax.kurtosis_many(
+        [leaf for _, leaf in kure_jax.select(params)]), rtol=2e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# The deprecated kure_jax.kernels entry points: a warning, then the old defaults and results.
+
+
+def _deprecated(name):
+    with pytest.warns(DeprecationWarning, match=f"kernels.{name} is deprecated"):
+        return getattr(kernels, name)
+
+
+def test_deprecated_fake_quant_and_absmax_fake_quant():
+    x, s, key = _normal((13, 10)), _step(()), jax.random.key(1)
+    fq = _deprecated("fake_quant")
+    for kw in ({}, {"rounding": "stochastic", "key": key}):  # Hash noise on jnp too, as before.
+        want = kure_jax.fake_quant(x, s, bits=4, impl="jnp", noise="hash", **kw)
+        np.testing.assert_array_equal(fq(x, s, bits=4, impl="jnp", **kw), want)
+        np.testing.assert_array_equal(fq(x, s, bits=4, **PALLAS, **kw), want)
+    absmax = _deprecated("absmax_fake_quant")
+    policy = QuantPolicy(bits=4, axis=-1)
+    np.testing.assert_array_equal(absmax(x, bits=4, axis=-1, step_ratio=0.9, **PALLAS),
+                                  kure_jax.quantize(x, policy, step_ratio=0.9))
+
+
+def test_deprecated_moments_kurtosis_and_penalty():
+    params = _params()
+    leaves = [leaf for _, leaf in kure_jax.select(params)]
+    np.testing.assert_array_equal(_deprecated("penalty")(params, **PALLAS),
+                                  kure_jax.penalty(params, **PALLAS))
+    np.testing.assert_array_equal(_deprecated("kurtosis_many")(leaves, impl="jnp"),
+                                  kure_jax.kurtosis_many(leaves))
+    moments = _deprecated("tensor_moments")(leaves, impl="jnp")
+    moments_type = _deprecated("Moments")
+    assert moments_type is kure_jax.Moments and isinstance(moments, moments_type)
+    for got, want in zip(moments, kure_jax.tensor_moments(leaves), strict=True):
+        np.testing.assert_array_equal(got, want)
+    with pytest.raises(AttributeError):
+        kernels.no_such_name  # noqa: B018
+
+
+def test_deprecated_entry_points_keep_the_old_default_impl(monkeypatch):
+    # impl=None ($KURE_JAX_KERNELS, else "auto"), where the core functions default to "jnp".
+    monkeypatch.setenv(_config.ENV_VAR, "pallas")
+    x = _normal((13, 10))
+    fq = _deprecated("fake_quant")
+    assert _uses_pallas(lambda x: fq(x, 0.5, bits=4, interpret=True), x)
+    assert not _uses_pallas(lambda x: kure_jax.fake_quant(x, 0.5, bits=4), x)
+    pen = _deprecated("penalty")
+    assert _uses_pallas(lambda p: pen(p, interpret=True), _params())
+    assert not _uses_pallas(kure_jax.penalty, _params())

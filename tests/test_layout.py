@@ -2,7 +2,9 @@
 
 The layer order below is the architecture (README "Layout"); a new module gets a layer here.
 Imports are read with ``ast`` (module level and inside functions alike), so a deferred import
-counts as an import.
+counts as an import. A deprecation shim in a low layer that returns a name now living higher up
+(``kure_jax.kernels``' old ``penalty``) names it with ``kure_jax._deprecation.Lazy``, resolved
+on first access, not by an import.
 """
 
 from __future__ import annotations
@@ -21,15 +23,19 @@ ROOT = pathlib.Path(kure_jax.__file__).resolve().parent
 LAYERS: list[tuple[str, ...]] = [
     ("kure_jax._axes", "kure_jax._arrays", "kure_jax._deprecation", "kure_jax._interrupts",
      "kure_jax.theory"),
+    # Backends only: the Pallas kernels and their dispatch settings, below the core that calls them.
+    ("kure_jax.kernels",),
     ("kure_jax.selection",),
     ("kure_jax.kurtosis",),
     ("kure_jax.quant",),
-    ("kure_jax.kernels",),
     ("kure_jax.qat",),
     # The package root re-exports the core above; the layers below may use its public names.
-    ("kure_jax", "kure_jax.policy", "kure_jax.ptq", "kure_jax.qat_ops"),
+    # The deprecation shims (old module paths, kernels' old entry points) live at this level.
+    ("kure_jax", "kure_jax.policy", "kure_jax.ptq", "kure_jax.qat_ops",
+     "kure_jax._kernel_aliases"),
     ("kure_jax.models", "kure_jax.data"),
     ("kure_jax.training",),
+    ("kure_jax.deploy",),
     ("kure_jax.evaluation",),
 ]
 
@@ -137,9 +143,21 @@ def test_no_private_names_from_other_packages(name):
     assert not bad, f"{name} imports private names of other packages: {bad}"
 
 
+def test_kernels_are_backends_below_the_core():
+    # kure_jax.kernels imports only low-level helpers; the core calls the kernels, never back.
+    outside = {dep for name in MODULES if name.startswith("kure_jax.kernels")
+               for dep in GRAPH[name] if not dep.startswith("kure_jax.kernels")}
+    assert outside <= {"kure_jax._arrays", "kure_jax._axes", "kure_jax._deprecation"}, outside
+    users = {name for name, deps in GRAPH.items() if any(d.startswith("kure_jax.kernels")
+                                                         for d in deps)}
+    assert {"kure_jax.quant.ops", "kure_jax.quant.policy", "kure_jax.kurtosis"} <= users
+
+
 def test_the_layer_check_would_catch_an_upward_import():
     # Guards the checker itself: the core importing the training package is refused.
     assert _layer("kure_jax.training.step") > _layer("kure_jax.kurtosis")
+    assert _layer("kure_jax.kernels._moments") < _layer("kure_jax.kurtosis")
+    assert _layer("kure_jax.kernels") < _layer("kure_jax.quant.ops")
     assert _private_owner("kure_jax.quant", "_check") == "kure_jax.quant"
     assert _private_owner("kure_jax.kernels._ops", "key_words") == "kure_jax.kernels"
 

@@ -82,6 +82,22 @@ def test_logged_kurtosis_is_the_penalty_s(setup, impl, kure_lambda):
     np.testing.assert_allclose(metrics["kure"], expected_kure, rtol=1e-4)
 
 
+@pytest.mark.parametrize("impl", ["jnp", "pallas"])
+def test_step_penalty_is_kurtosis_penalty(setup, impl):
+    # The step takes its penalty from kure_jax.kurtosis (penalty_and_kurtosis), not its own
+    # reduction: equal to kurtosis.penalty with the same impl, and the step's gradient holds
+    # lambda * dpenalty/dW.
+    model, state, batch = setup
+    metrics, grads, _ = run_step(model, state, batch, impl)
+    _, ce_grads, _ = run_step(model, state, batch, impl, kure_lambda=0.0)
+    expected = kure_jax.penalty(state.params, 1.8, impl=impl)
+    np.testing.assert_allclose(metrics["kure"], expected, rtol=1e-5)
+    penalty_grads = jax.grad(lambda p: kure_jax.penalty(p, 1.8, impl=impl))(state.params)
+    for name in KERNELS:
+        np.testing.assert_allclose(grads[name]["kernel"] - ce_grads[name]["kernel"],
+                                   penalty_grads[name]["kernel"], rtol=1e-3, atol=1e-5)
+
+
 @pytest.mark.parametrize("reduction", ["sum", "max"])
 def test_reductions_match_the_core_penalty(setup, reduction):
     model, state, batch = setup

@@ -7,14 +7,25 @@
 * :mod:`~kure_jax.evaluation.sweep`: the tasks and points of one model's sweep.
 * :mod:`~kure_jax.evaluation.report` / :mod:`~kure_jax.evaluation.plots`: results.json,
   results.csv, report.md and PNG plots.
-* :mod:`~kure_jax.evaluation.runner`: :func:`run_sweep` over checkpoints written by train.py.
+* :mod:`~kure_jax.evaluation.runner`: :func:`run_sweep` over checkpoints written by train.py,
+  :func:`evaluate_model` for any model given as ``apply_fn(params, images) -> logits``.
+* :mod:`~kure_jax.evaluation.factory`: ``eval.py --model MODULE:FACTORY --params PATH``: the
+  factory protocol (Linen, NNX or ``(apply_fn, params_template)``), Orbax/safetensors params.
 """
 
 from kure_jax.evaluation.calibration import ActivationCalibration as ActivationCalibration
 from kure_jax.evaluation.calibration import activation_quantized as activation_quantized
 from kure_jax.evaluation.calibration import calibrate_activations as calibrate_activations
 from kure_jax.evaluation.calibration import layer_inputs as layer_inputs
+from kure_jax.evaluation.factory import ModelError as ModelError
+from kure_jax.evaluation.factory import UserModel as UserModel
+from kure_jax.evaluation.factory import evaluate_factory as evaluate_factory
+from kure_jax.evaluation.factory import load_factory as load_factory
+from kure_jax.evaluation.factory import load_params as load_params
+from kure_jax.evaluation.factory import model_from_factory as model_from_factory
+from kure_jax.evaluation.factory import save_safetensors as save_safetensors
 from kure_jax.evaluation.forward import Metrics as Metrics
+from kure_jax.evaluation.forward import check_apply as check_apply
 from kure_jax.evaluation.forward import classifier_apply as classifier_apply
 from kure_jax.evaluation.forward import evaluate as evaluate
 from kure_jax.evaluation.forward import evaluate_mapped as evaluate_mapped
@@ -26,6 +37,7 @@ from kure_jax.evaluation.report import markdown_report as markdown_report
 from kure_jax.evaluation.report import summary_table as summary_table
 from kure_jax.evaluation.report import validate_results as validate_results
 from kure_jax.evaluation.runner import CheckpointError as CheckpointError
+from kure_jax.evaluation.runner import evaluate_model as evaluate_model
 from kure_jax.evaluation.runner import load_checkpoint as load_checkpoint
 from kure_jax.evaluation.runner import run_sweep as run_sweep
 from kure_jax.evaluation.spec import SweepSpec as SweepSpec
@@ -40,22 +52,31 @@ __all__ = [
     "ActivationCalibration",
     "CheckpointError",
     "Metrics",
+    "ModelError",
     "SweepSpec",
     "SweepTarget",
+    "UserModel",
     "activation_quantized",
     "calibrate_activations",
+    "check_apply",
     "classifier_apply",
     "evaluate",
+    "evaluate_factory",
     "evaluate_mapped",
+    "evaluate_model",
     "layer_inputs",
     "load_checkpoint",
+    "load_factory",
+    "load_params",
     "load_sweep",
     "make_eval_step",
     "mapped_eval_step",
     "markdown_report",
+    "model_from_factory",
     "plan_sweep",
     "ptq_transform",
     "run_sweep",
+    "save_safetensors",
     "summary_table",
     "validate_results",
 ]

@@ -4,8 +4,8 @@ A layer's *input* is quantised with a fixed step calibrated once on training ima
 deployed integer kernel would, rather than with the max of each test batch:
 
 1. :func:`layer_inputs` records the input of chosen ``nn.Conv``/``nn.Dense`` layers (by module
-   path, e.g. ``"conv1"`` or ``"stage1_block1/conv1"``) through ``flax.linen.intercept_methods``,
-   so any Flax model works unmodified.
+   path, e.g. ``"conv1"`` or ``"stage1_block1/conv1"``) through QAT's interceptor
+   (:func:`kure_jax.qat.linen.layer_interceptor`), so any Flax model works unmodified.
 2. :func:`calibrate_activations` runs the float model on the calibration images and turns each
    layer's inputs into a per-tensor step with ``kure_jax.compute_step`` and an activation
    ``QuantPolicy`` (``clip`` max / MSE / ACIQ / percentile). A layer whose calibration inputs
@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kure_jax import QuantPolicy, compute_step, fake_quant
-from kure_jax.qat.linen import is_quantizable
+from kure_jax.qat.linen import layer_interceptor
 
 __all__ = [
     "ActivationCalibration",
@@ -84,21 +84,18 @@ def _intercept_inputs(
     """Interceptor passing the first argument of the chosen layers' ``__call__`` through
     ``transform(name, inputs)``."""
 
-    def interceptor(next_fun, args, kwargs, context):
-        module = context.module
-        if context.method_name != "__call__" or not is_quantizable(module):
-            return next_fun(*args, **kwargs)
+    def wrap(module, call, args, kwargs):
         name = _module_name(module)
         if name not in layers:
-            return next_fun(*args, **kwargs)
+            return call(*args, **kwargs)
         seen.add(name)
         if args:
-            return next_fun(transform(name, args[0]), *args[1:], **kwargs)
+            return call(transform(name, args[0]), *args[1:], **kwargs)
         if "inputs" not in kwargs:
             raise ValueError(f"layer {name} was called without an input array.")
-        return next_fun(**{**kwargs, "inputs": transform(name, kwargs["inputs"])})
+        return call(**{**kwargs, "inputs": transform(name, kwargs["inputs"])})
 
-    return interceptor
+    return layer_interceptor(wrap)
 
 
 def _check_seen(layers: frozenset[str], seen: set[str]) -> None:

@@ -17,7 +17,8 @@ several times slower than ``chunk=1``; on accelerators larger chunks can pay off
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+import inspect
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -32,9 +33,11 @@ from kure_jax.selection import LeafPredicate
 __all__ = [
     "Metrics",
     "batch_sums",
+    "check_apply",
     "classifier_apply",
     "evaluate",
     "evaluate_mapped",
+    "inference_kwargs",
     "make_eval_step",
     "mapped_eval_step",
     "metrics_from_sums",
@@ -58,11 +61,18 @@ class Metrics(NamedTuple):
     count: int
 
 
+def inference_kwargs(model: nn.Module) -> dict[str, bool]:
+    """``{"train": False}`` if ``model.__call__`` takes a ``train`` argument, else ``{}``: how
+    a Linen classifier is called in inference mode (kure_jax.models take ``train``)."""
+    return {"train": False} if "train" in inspect.signature(model.__call__).parameters else {}
+
+
 def classifier_apply(model: nn.Module, *, qat: QATConfig | None = None) -> ApplyFn:
     """``apply(variables, images) -> logits`` of a classifier in inference mode.
 
     Args:
-      model: a Flax classifier taking ``(images, train=False)``.
+      model: a Flax Linen classifier, called as ``model(images, train=False)`` if its
+        ``__call__`` takes ``train`` (see :func:`inference_kwargs`), else ``model(images)``.
       qat: a :class:`kure_jax.QATConfig` to run the model fake-quantised as trained
         (``variables`` then holds its ``"quant"`` collection), or ``None`` for float.
 
@@ -70,11 +80,50 @@ def classifier_apply(model: nn.Module, *, qat: QATConfig | None = None) -> Apply
       A pure function of ``(variables, images (B, H, W, C))`` returning float32 logits
       ``(B, num_classes)``; not jitted (callers compose and jit it).
     """
+    kwargs = inference_kwargs(model)
     if qat is None or not qat.quantizes:
-        return lambda variables, images: model.apply(variables, images, train=False)
-    return lambda variables, images: quantized_apply(
-        model, variables, images, qat=qat, train=False
-    )
+        return lambda variables, images: model.apply(variables, images, **kwargs)
+    return lambda variables, images: quantized_apply(model, variables, images, qat=qat, **kwargs)
+
+
+def check_apply(
+    apply_fn: ApplyFn,
+    variables: PyTree,
+    image_shape: Sequence[int],
+    *,
+    num_classes: int | None = None,
+) -> tuple[int, ...]:
+    """Checks, by tracing only, that ``apply_fn(variables, images)`` takes images of
+    ``image_shape`` and returns logits ``(B, C)``.
+
+    Args:
+      apply_fn: ``(variables, images) -> logits``.
+      variables: arrays or ``jax.ShapeDtypeStruct`` leaves.
+      image_shape: one image's shape, e.g. ``(28, 28, 1)``; traced as float32 ``(2, ...)``.
+      num_classes: the ``C`` the logits must have, or ``None`` (any).
+
+    Returns:
+      The logits' shape for a batch of 2.
+
+    Raises:
+      ValueError: naming the image and logits shapes, if tracing fails (the model rejects
+        the images) or the logits are not ``(2, num_classes)``.
+    """
+    images = jax.ShapeDtypeStruct((2, *image_shape), jnp.float32)
+    try:
+        logits = jax.eval_shape(apply_fn, variables, images)
+    except Exception as err:  # any error of the user's model while tracing
+        first = (str(err).strip().splitlines() or [""])[0][:240]
+        raise ValueError(f"the model rejects images of shape {images.shape} "
+                         f"(image shape {tuple(image_shape)}): {type(err).__name__}: {first}"
+                         ) from err
+    shape = tuple(getattr(logits, "shape", ()))
+    if len(shape) != 2 or shape[0] != 2 or (num_classes is not None and shape[1] != num_classes):
+        want = f"(2, {num_classes})" if num_classes is not None else "(2, num_classes)"
+        raise ValueError(f"the model maps images of shape {images.shape} to outputs of shape "
+                         f"{shape if isinstance(logits, jax.ShapeDtypeStruct) else logits!r}; "
+                         f"expected logits {want}.")
+    return shape
 
 
 def batch_sums(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.Array:

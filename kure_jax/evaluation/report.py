@@ -7,8 +7,12 @@ markdown tables of ``report.md``.
      "checkpoints": [{"label", "group", "path", "model", "dataset", "qat", "kure_lambda",
                       "quantized_layers": [...], "kurtosis": {layer: value}, ...}],
      "points": [{"checkpoint", "group", "kind", "quantizer", "weight_bits", "act_bits",
-                 "step_ratio", "seed", "policy", "act_policy", "accuracy", "loss", "count"}]}
+                 "step_ratio", "seed", "policy", "act_policy", "accuracy", "loss", "count"}],
+     "skipped": [{"checkpoint", "group", "kind", "quantizer", "weight_bits", "act_bits",
+                  "reason"}]}
 
+``skipped`` lists the planned points a model cannot run (W/A PTQ of a model given only as an
+``apply_fn``), with the reason; files written before it existed lack it (read as empty).
 It is rewritten atomically (temporary file + rename) after every finished task, so an
 interrupted sweep leaves a valid file holding the points finished so far and
 ``"complete": false``.
@@ -30,6 +34,7 @@ import numpy as np
 __all__ = [
     "POINT_FIELDS",
     "SCHEMA_VERSION",
+    "SKIPPED_FIELDS",
     "ResultsWriter",
     "accuracy_table",
     "markdown_report",
@@ -44,6 +49,9 @@ POINT_FIELDS: tuple[str, ...] = (
     "policy", "act_policy", "accuracy", "loss", "count",
 )
 _TOP_FIELDS = ("schema_version", "complete", "created", "sweep", "checkpoints", "points")
+SKIPPED_FIELDS: tuple[str, ...] = (
+    "checkpoint", "group", "kind", "quantizer", "weight_bits", "act_bits", "reason",
+)
 Point = Mapping[str, Any]
 
 
@@ -75,7 +83,14 @@ class ResultsWriter:
             "sweep": dict(sweep),
             "checkpoints": [dict(c) for c in checkpoints],
             "points": [],
+            "skipped": [],
         }
+        self._write()
+
+    def skip(self, records: Sequence[Mapping[str, Any]]) -> None:
+        """Appends records of points that are not evaluated (``SKIPPED_FIELDS``) and rewrites
+        the file."""
+        self.data["skipped"].extend(dict(r) for r in records)
         self._write()
 
     def add(self, points: Sequence[Point]) -> None:
@@ -121,6 +136,15 @@ def validate_results(data: Mapping[str, Any]) -> None:
             raise ValueError(f"point {index} has accuracy {acc!r}, expected a float in [0, 1].")
         if not isinstance(point["count"], int) or point["count"] < 1:
             raise ValueError(f"point {index} has count {point['count']!r}, expected an int >= 1.")
+    for index, record in enumerate(data.get("skipped", [])):
+        missing = [k for k in SKIPPED_FIELDS if k not in record]
+        if missing:
+            raise ValueError(f"skipped entry {index} lacks {missing}: {record}.")
+        if record["checkpoint"] not in labels:
+            raise ValueError(f"skipped entry {index} names unknown checkpoint "
+                             f"{record['checkpoint']!r}.")
+        if not isinstance(record["reason"], str) or not record["reason"]:
+            raise ValueError(f"skipped entry {index} has no reason: {record}.")
 
 
 def _flat(point: Point) -> dict[str, Any]:
@@ -360,6 +384,13 @@ def markdown_report(data: Mapping[str, Any], *, plots: Sequence[str] = ()) -> st
                        for layer in layers),
          f"{np.mean(list(c['kurtosis'].values())):.2f}" if c["kurtosis"] else "–"]
         for c in data["checkpoints"]]), ""]
+    skipped = data.get("skipped", [])
+    if skipped:
+        parts += ["## Skipped points", "",
+                  f"{len(skipped)} planned point(s) were not evaluated:", "",
+                  _markdown(["checkpoint", "kind", "quantizer", "reason"],
+                            [[r["checkpoint"], r["kind"], r["quantizer"], r["reason"]]
+                             for r in skipped]), ""]
     if plots:
         parts += ["## Plots", ""] + [f"![{pathlib.Path(p).stem}]({p})" for p in plots] + [""]
     return "\n".join(parts)

@@ -1,15 +1,19 @@
-"""``run_sweep``: restore checkpoints, sweep each under a :class:`SweepSpec`, write the report.
+"""``run_sweep`` and ``evaluate_model``: sweep models under a :class:`SweepSpec`, write the report.
 
-This is the program behind ``eval.py``; tests call it directly. It is the one module of
-:mod:`kure_jax.evaluation` that depends on :mod:`kure_jax.training` (to restore checkpoints
-written by ``train.py``); the others work on any ``(model, variables, dataset)``.
+* :func:`run_sweep` restores checkpoints written by ``train.py`` (this is the one module of
+  :mod:`kure_jax.evaluation` that depends on :mod:`kure_jax.training`, and only there).
+* :func:`evaluate_model` takes any model as ``apply_fn(params, images) -> logits``.
+
+Both plan their points with :func:`~kure_jax.evaluation.sweep.plan_sweep` and run them
+through one loop (``_run_prepared``): the same ``results.json``, ``results.csv``,
+``report.md`` and plots. This is the program behind ``eval.py``; tests call it directly.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import pathlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -19,12 +23,22 @@ import numpy as np
 
 from kure_jax import QATConfig, kurtosis_report
 from kure_jax.evaluation import plots, report
+from kure_jax.evaluation.forward import ApplyFn, check_apply
 from kure_jax.evaluation.spec import SweepSpec
-from kure_jax.evaluation.sweep import SweepTarget, Task, plan_sweep, quantized_layers
+from kure_jax.evaluation.sweep import SweepTarget, Task, plan_sweep, target_layers
+from kure_jax.selection import Selection, select
 
-__all__ = ["CheckpointError", "LoadedCheckpoint", "load_checkpoint", "run_sweep", "write_outputs"]
+__all__ = [
+    "CheckpointError",
+    "LoadedCheckpoint",
+    "evaluate_model",
+    "load_checkpoint",
+    "run_sweep",
+    "write_outputs",
+]
 
 PyTree = Any
+AfterTask = Callable[[Task, list[dict]], None]
 
 
 class CheckpointError(ValueError):
@@ -152,24 +166,90 @@ def _unique_labels(loaded: list[LoadedCheckpoint]) -> list[LoadedCheckpoint]:
     return out
 
 
+def _layers_entry(
+    target: SweepTarget, spec: SweepSpec
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """``quantized_layers`` and ``kurtosis`` of a target's results.json entry, and the weights
+    of its histogram layers (name -> array)."""
+    where, _ = target_layers(target, spec)
+    params = target.variables["params"]
+    chosen = select(params, where)  # names as kure_jax gives them (NNX ".value" dropped)
+    kurt = {k: float(v) for k, v in jax.device_get(kurtosis_report(params, where)).items()}
+    weights = {n: np.asarray(leaf) for n, leaf in chosen[: spec.histogram_layers]}
+    return {"quantized_layers": [n for n, _ in chosen], "kurtosis": kurt}, weights
+
+
 def _describe(c: LoadedCheckpoint, spec: SweepSpec) -> tuple[dict[str, Any], dict[str, Any]]:
     """The checkpoint's results.json entry and the weights of its histogram layers."""
-    where, names = quantized_layers(c.model, c.dataset.image_shape, spec.layers)
-    params = c.variables["params"]
-    selected = names(params)
-    kurt = {k: float(v) for k, v in jax.device_get(kurtosis_report(params, where)).items()}
-    flat = {jax.tree_util.keystr(k, simple=True, separator="/"): v
-            for k, v in jax.tree_util.tree_leaves_with_path(params)}
-    weights = {n: np.asarray(flat[n]) for n in selected[: spec.histogram_layers]}
+    layers, weights = _layers_entry(c.target(), spec)
     entry = {
         "label": c.label, "group": c.group, "path": str(pathlib.Path(c.path).absolute()),
         "model": c.config.model, "model_options": c.config.model_options.to_dict(),
         "dataset": c.config.dataset, "num_test_images": int(c.dataset.num_eval_examples),
         "kure_lambda": float(c.config.kure.lambda_), "kure_target": float(c.config.kure.target),
-        "qat": None if c.qat is None else c.qat.name, "quantized_layers": selected,
-        "kurtosis": kurt, "config": c.config.to_dict(),
+        "qat": None if c.qat is None else c.qat.name, **layers, "config": c.config.to_dict(),
     }
     return entry, weights
+
+
+@dataclasses.dataclass(frozen=True)
+class _Prepared:
+    """A target ready to sweep: its results.json entry and its histogram weights."""
+
+    target: SweepTarget
+    entry: dict[str, Any]
+    weights: dict[str, np.ndarray]
+
+
+def _run_prepared(
+    prepared: Sequence[_Prepared],
+    spec: SweepSpec,
+    out_dir: str | pathlib.Path,
+    *,
+    progress: bool | None,
+    after_task: AfterTask | None,
+) -> dict[str, Any]:
+    """The sweep loop shared by :func:`run_sweep` and :func:`evaluate_model`: plans every
+    target, records skipped tasks, runs the others, writes the outputs (also on interrupt)."""
+    out = pathlib.Path(out_dir)
+    writer = report.ResultsWriter(out, sweep=spec.to_config_dict(),
+                                  checkpoints=[p.entry for p in prepared])
+    plans = [(p, plan_sweep(p.target, spec)) for p in prepared]
+    skipped = [t.skipped for _, tasks in plans for t in tasks if t.skipped is not None]
+    if skipped:  # known before any evaluation: an interrupted run's file lists them too
+        writer.skip(skipped)
+    total = sum(t.num_points for _, tasks in plans for t in tasks)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, unit="pt", desc="sweep", dynamic_ncols=True,
+               disable=None if progress is None else not progress)
+    try:
+        for p, tasks in plans:
+            for task in tasks:
+                if task.skipped is not None:
+                    continue
+                bar.set_postfix_str(f"{p.target.label} {task.kind} {task.quantizer}")
+                points = task.run()
+                writer.add(points)
+                bar.update(task.num_points)
+                if after_task is not None:
+                    after_task(task, points)
+        writer.finish()
+    finally:
+        bar.close()
+        data = writer.data
+        if data["complete"]:
+            # Histograms of the first checkpoint of each group (seeds look alike).
+            weights: dict[str, Any] = {}
+            seen: set[str] = set()
+            for p in prepared:
+                if p.target.group not in seen:
+                    seen.add(p.target.group)
+                    weights[p.target.label] = p.weights
+            write_outputs(data, out, weights=weights, with_plots=spec.plots)
+        else:
+            write_outputs(data, out, weights={}, with_plots=False)
+    return data
 
 
 def run_sweep(
@@ -179,7 +259,7 @@ def run_sweep(
     *,
     which: str = "best",
     progress: bool | None = None,
-    after_task: Callable[[Task, list[dict]], None] | None = None,
+    after_task: AfterTask | None = None,
 ) -> dict[str, Any]:
     """Evaluates every checkpoint under ``spec`` and writes the results into ``out_dir``.
 
@@ -212,41 +292,133 @@ def run_sweep(
     datasets: dict[str, Any] = {}
     loaded = _unique_labels([load_checkpoint(c, which=which, datasets=datasets)
                              for c in checkpoints])
-    described = [_describe(c, spec) for c in loaded]
-    out = pathlib.Path(out_dir)
-    writer = report.ResultsWriter(out, sweep=spec.to_config_dict(),
-                                  checkpoints=[entry for entry, _ in described])
-    plans = [(c, plan_sweep(c.target(), spec)) for c in loaded]
-    total = sum(t.num_points for _, tasks in plans for t in tasks)
-    from tqdm.auto import tqdm
+    prepared = [_Prepared(c.target(), *_describe(c, spec)) for c in loaded]
+    return _run_prepared(prepared, spec, out_dir, progress=progress, after_task=after_task)
 
-    bar = tqdm(total=total, unit="pt", desc="sweep", dynamic_ncols=True,
-               disable=None if progress is None else not progress)
-    try:
-        for checkpoint, tasks in plans:
-            for task in tasks:
-                bar.set_postfix_str(f"{checkpoint.label} {task.kind} {task.quantizer}")
-                points = task.run()
-                writer.add(points)
-                bar.update(task.num_points)
-                if after_task is not None:
-                    after_task(task, points)
-        writer.finish()
-    finally:
-        bar.close()
-        data = writer.data
-        if data["complete"]:
-            # Histograms of the first checkpoint of each group (seeds look alike).
-            weights: dict[str, Any] = {}
-            seen: set[str] = set()
-            for c, (_, w) in zip(loaded, described, strict=True):
-                if c.group not in seen:
-                    seen.add(c.group)
-                    weights[c.label] = w
-            write_outputs(data, out, weights=weights, with_plots=spec.plots)
-        else:
-            write_outputs(data, out, weights={}, with_plots=False)
-    return data
+
+class _UserBatches:
+    """The test split of :func:`evaluate_model` as the ``dataset`` of a :class:`SweepTarget`:
+    ``eval_batches`` yields the user's batches (their own batch size) as dicts with a mask."""
+
+    def __init__(self, batches: Any, image_shape: tuple[int, ...]) -> None:
+        self._batches = batches
+        self.image_shape = image_shape
+
+    def eval_batches(self, *, global_batch_size: int | None = None) -> Iterator[dict]:
+        del global_batch_size  # the user's batching is kept
+        source = self._batches() if callable(self._batches) else self._batches
+        for index, batch in enumerate(source):
+            yield _as_batch(batch, index)
+
+
+def _as_batch(batch: Any, index: int) -> dict[str, np.ndarray]:
+    """``{"image", "label", "mask"}`` of an ``(images, labels)`` pair or a mapping."""
+    if isinstance(batch, Mapping):
+        try:
+            images, labels = batch["image"], batch["label"]
+        except KeyError as err:
+            raise ValueError(f"batch {index} is a mapping without {err.args[0]!r}; expected "
+                             "keys 'image' and 'label' (and optionally 'mask').") from None
+        mask = batch.get("mask")
+    elif isinstance(batch, tuple | list) and len(batch) == 2:
+        (images, labels), mask = batch, None
+    else:
+        raise ValueError(f"batch {index} is a {type(batch).__name__}; expected an "
+                         "(images, labels) pair or a mapping with 'image' and 'label'.")
+    images, labels = np.asarray(images), np.asarray(labels)
+    if images.ndim < 2 or labels.shape != images.shape[:1]:
+        raise ValueError(f"batch {index}: images {images.shape} and labels {labels.shape} do "
+                         "not match; expected images (B, ...) and integer labels (B,).")
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"batch {index}: labels have dtype {labels.dtype}; expected integers.")
+    mask = np.ones(len(labels), np.float32) if mask is None else np.asarray(mask, np.float32)
+    return {"image": images, "label": labels.astype(np.int32), "mask": mask}
+
+
+def evaluate_model(
+    apply_fn: ApplyFn,
+    params: PyTree,
+    batches: Iterable[Any] | Callable[[], Iterable[Any]],
+    spec: SweepSpec,
+    *,
+    out: str | pathlib.Path,
+    name: str = "model",
+    progress: bool | None = None,
+    module: nn.Module | None = None,
+    calibration: np.ndarray | Callable[[], np.ndarray] | None = None,
+    where: Selection = None,
+    group: str | None = None,
+    metadata: Mapping[str, Any] | None = None,
+    after_task: AfterTask | None = None,
+) -> dict[str, Any]:
+    """The robustness report of any model: ``spec``'s sweep of ``apply_fn`` at ``params``.
+
+    Writes ``results.json``, ``results.csv``, ``report.md`` and the PNG plots into ``out``
+    as :func:`run_sweep` does for checkpoints (the same loop), with one entry labelled
+    ``name``. Weight PTQ (the ``weight`` points and the step-ratio curve) quantises the
+    kernels of ``params`` and works for any model. W/A PTQ intercepts the inputs of Linen
+    ``nn.Conv``/``nn.Dense`` layers: it runs only when the Linen ``module`` that ``apply_fn``
+    applies is given, together with ``calibration`` images; otherwise each W/A point is
+    recorded under ``"skipped"`` in results.json (and in report.md) with the reason.
+    On ``KeyboardInterrupt`` the finished points are kept as in :func:`run_sweep`.
+
+    Args:
+      apply_fn: ``apply_fn(params, images) -> logits``: float32 images ``(B, *image_shape)``
+        to float logits ``(B, num_classes)``; pure and traceable (it is jitted). E.g.
+        ``lambda v, x: model.apply(v, x, train=False)`` (Linen), an ``nnx.merge`` of a
+        split NNX model, or plain JAX.
+      params: the pytree of arrays ``apply_fn`` takes. Weight PTQ acts on its rank >= 2
+        leaves named ``kernel`` (``spec.layers="kernels"``), by default less the first
+        layer and the last dense one (``"paper"``; the layer order is read from the jaxpr of
+        ``apply_fn``); ``where`` overrides this selection.
+      batches: the test split: ``(images, labels)`` pairs of NumPy arrays (images float32
+        ``(B, ...)``, labels int ``(B,)``), or mappings with ``"image"``, ``"label"`` and
+        optionally ``"mask"`` (0 on padding rows). Every point reads it once more, so give
+        a re-iterable (a list, or an object whose ``__iter__`` starts over) or a
+        zero-argument function returning a fresh iterator; a one-shot iterator is rejected.
+        Batches are used as given (``spec.eval_batch_size`` does not apply).
+      spec: the sweep (:func:`~kure_jax.evaluation.load_sweep`).
+      out: the output directory (created).
+      name: the model's label (and group, unless ``group`` is given) in the results.
+      progress: show a tqdm progress bar (``None``: only when stderr is a terminal).
+      module: the Linen module that ``apply_fn`` applies: enables the W/A points.
+      calibration: W/A calibration images ``(N, *image_shape)`` (training images, say; at
+        most ``spec.calibration_images`` are used), or a function returning them.
+      where: the weight selection (any ``kure_jax`` ``where=``), overriding ``spec.layers``.
+      group: group name (models sharing one are averaged in the report).
+      metadata: extra JSON-ready fields of the model's results.json entry (``"path"``,
+        ``"model"``, ``"dataset"``, ...).
+      after_task: called with each finished task and its points.
+
+    Returns:
+      The results dict, as written to ``results.json``.
+
+    Raises:
+      ValueError: for a one-shot iterator, an empty or malformed first batch, images the
+        model rejects or outputs that are not ``(B, C)`` logits (naming the shapes), or a
+        selection that matches no kernel.
+    """
+    if not callable(batches) and iter(batches) is batches:
+        raise ValueError("batches is a one-shot iterator, but every point of the sweep reads "
+                         "the test split again: pass a list, or a function returning a fresh "
+                         "iterator.")
+    first = next(iter(batches() if callable(batches) else batches), None)
+    if first is None:
+        raise ValueError("batches yielded no batch.")
+    image_shape = tuple(_as_batch(first, 0)["image"].shape[1:])
+    variables = {"params": params}
+    # PTQ quantises variables["params"]: here the user's whole pytree.
+    apply = lambda v, images: apply_fn(v["params"], images)
+    check_apply(apply, variables, image_shape)
+    target = SweepTarget(label=name, group=group or name, model=module, variables=variables,
+                         dataset=_UserBatches(batches, image_shape), apply_fn=apply,
+                         where=where, calibration=calibration)
+    layers, weights = _layers_entry(target, spec)
+    entry = {"label": name, "group": target.group, "path": None, "model": None,
+             "model_kind": "linen" if module is not None else "apply_fn", "qat": None,
+             **dict(metadata or {}), **layers}
+    return _run_prepared([_Prepared(target, entry, weights)], spec, out, progress=progress,
+                         after_task=after_task)
 
 
 def write_outputs(

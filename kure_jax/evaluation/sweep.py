@@ -23,6 +23,12 @@ with ``kind`` one of ``POINT_KINDS``:
 The weight-only and W/A PTQ points treat a QAT checkpoint's shadow weights like any float
 model's (activations float unless quantised by a W/A pair), so their columns mean the same
 for every checkpoint.
+
+A target given as an ``apply_fn`` without its Linen module (an NNX or plain-JAX model, see
+:func:`kure_jax.evaluation.evaluate_model`) gets every weight-only point; its W/A points are
+*skipped*: planned as tasks whose ``skipped`` record (kind, quantizer, bits and a reason)
+goes into ``results.json`` instead of an accuracy, since they intercept the inputs of Linen
+``nn.Conv``/``nn.Dense`` layers.
 """
 
 from __future__ import annotations
@@ -36,22 +42,26 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.extend import core as jax_core
 
 from kure_jax import QATConfig, QuantPolicy, paper_selection, select
 from kure_jax.evaluation import calibration
 from kure_jax.evaluation.forward import (
+    ApplyFn,
     Metrics,
     classifier_apply,
     evaluate,
     evaluate_mapped,
+    inference_kwargs,
     make_eval_step,
     mapped_eval_step,
     ptq_transform,
 )
 from kure_jax.evaluation.spec import SweepSpec
-from kure_jax.selection import LeafPredicate
+from kure_jax.selection import LeafPredicate, Selection, selection_mask
 
-__all__ = ["POINT_KINDS", "SweepTarget", "Task", "plan_sweep", "quantized_layers"]
+__all__ = ["POINT_KINDS", "SweepTarget", "Task", "apply_layers", "calibration_images", "plan_sweep",
+           "quantized_layers", "target_layers"]
 
 POINT_KINDS: tuple[str, ...] = (
     "fp", "weight", "weight_act", "step_ratio", "qat", "qat_bits", "qat_step_ratio",
@@ -67,28 +77,47 @@ class SweepTarget:
     Attributes:
       label: unique name of the checkpoint in the results.
       group: name shared by runs of the same recipe (e.g. seeds), for averaged tables.
-      model: the unbound Flax classifier.
-      variables: ``{"params", "batch_stats"[, "quant"]}``.
-      dataset: a ``kure_jax.data.Dataset`` (test split: ``eval_batches``).
+      model: the unbound Flax Linen classifier, or ``None`` for a model known only by its
+        ``apply_fn`` (then W/A and QAT points are not possible).
+      variables: ``{"params", ...}``: weight PTQ quantises the selected kernels of
+        ``variables["params"]`` (``{"params", "batch_stats"[, "quant"]}`` for checkpoints).
+      dataset: a ``kure_jax.data.Dataset``, or any object with ``image_shape`` and
+        ``eval_batches(global_batch_size=...)`` yielding ``{"image", "label", "mask"}``
+        (the test split); its ``train_batches``, when it has them, give the W/A calibration
+        images unless ``calibration`` is set.
       qat: the ``QATConfig`` the checkpoint was trained with, or ``None``.
+      apply_fn: ``(variables, images) -> logits``; ``None``: ``classifier_apply(model)``.
+      where: the kernel selection of weight PTQ, overriding ``spec.layers`` (``None``: use it).
+      calibration: W/A calibration images ``(N, H, W, C)``, or a function returning them
+        (called once, when the first W/A point runs); at most ``spec.calibration_images``
+        are used.
     """
 
     label: str
     group: str
-    model: nn.Module
+    model: nn.Module | None = None
     variables: dict[str, PyTree]
     dataset: Any
     qat: QATConfig | None = None
+    apply_fn: ApplyFn | None = None
+    where: Selection = None
+    calibration: np.ndarray | Callable[[], np.ndarray] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
 class Task:
-    """A unit of work of a sweep: ``run()`` evaluates ``num_points`` points."""
+    """A unit of work of a sweep: ``run()`` evaluates ``num_points`` points.
+
+    A task the target cannot run has ``skipped`` set: the JSON-ready record ``{"checkpoint",
+    "group", "kind", "quantizer", "weight_bits", "act_bits", "reason"}`` that the runner
+    writes to ``results.json`` instead; its ``num_points`` is 0 and ``run()`` returns ``[]``.
+    """
 
     kind: str
     quantizer: str
     num_points: int
     run: Callable[[], list[Point]]
+    skipped: dict[str, Any] | None = None
 
 
 def quantized_layers(
@@ -114,13 +143,87 @@ def quantized_layers(
         found: list[LeafPredicate] = []
 
         def init(x: jax.Array) -> PyTree:
-            variables = model.init(jax.random.key(0), x, train=False)
+            variables = model.init(jax.random.key(0), x, **inference_kwargs(model))
             found.append(paper_selection(variables["params"]))  # names and shapes only
             return variables
 
         jax.eval_shape(init, jax.ShapeDtypeStruct((1, *image_shape), jnp.float32))
         where = found[0]
     return where, lambda params: [name for name, _ in select(params, where)]
+
+
+def _kernel_call_order(
+    apply_fn: ApplyFn, variables: dict[str, PyTree], image_shape: Sequence[int]
+) -> list[tuple[str, Any]]:
+    """``(path, abstract leaf)`` of the kernels of ``variables["params"]`` in call order.
+
+    The order is the first use of each kernel in the jaxpr of ``apply_fn``: tracing runs the
+    Python code top to bottom, so a layer called earlier consumes its kernel earlier. It needs
+    no framework hook, so NNX (whose states are sorted by name) and plain JAX get it too.
+    """
+    params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), jnp.result_type(a)),
+                          variables["params"])
+    images = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
+    closed = jax.make_jaxpr(lambda p, x: apply_fn({**variables, "params": p}, x))(params, images)
+    flags = jax.tree_util.tree_leaves(selection_mask(params))
+    names = iter(select(params))
+    invars = closed.jaxpr.invars[: len(flags)]  # the params' leaves, then the images
+    kernels = {var: next(names) for var, flag in zip(invars, flags, strict=True) if flag}
+    order: list[tuple[str, Any]] = []
+    for eqn in closed.jaxpr.eqns:
+        for var in eqn.invars:
+            if not isinstance(var, jax_core.Literal) and var in kernels:
+                order.append(kernels.pop(var))
+    return order + list(kernels.values())  # unused kernels (if any) last
+
+
+def apply_layers(
+    apply_fn: ApplyFn, variables: dict[str, PyTree], image_shape: Sequence[int], layers: str
+) -> tuple[LeafPredicate | None, Callable[[PyTree], list[str]]]:
+    """:func:`quantized_layers` for a model known only by ``apply_fn(variables, images)``.
+
+    ``"paper"`` applies ``kure_jax.paper_selection`` (the names ``stem_conv``/``head`` when
+    present, else the first conv and the last dense) with the layer order read from the jaxpr
+    of ``apply_fn`` on ``(1, *image_shape)`` float32 images: the order of each kernel's first
+    use. Kernels are the rank >= 2 leaves named ``kernel`` of ``variables["params"]``.
+
+    Raises:
+      ValueError: for another ``layers`` value, or from ``paper_selection`` (e.g. no leaf
+        named ``kernel`` of rank 4).
+    """
+    if layers not in ("paper", "kernels"):
+        raise ValueError(f"layers must be 'paper' or 'kernels'; got {layers!r}.")
+    where = None
+    if layers == "paper":
+        # A nested dict in call order: paper_selection reads the layer order from insertion.
+        ordered: dict[str, Any] = {}
+        for name, leaf in _kernel_call_order(apply_fn, variables, image_shape):
+            node = ordered
+            for key in name.split("/")[:-1]:
+                node = node.setdefault(key, {})
+            node["kernel"] = leaf
+        where = paper_selection(ordered)
+    return where, lambda params: [name for name, _ in select(params, where)]
+
+
+def target_layers(
+    target: SweepTarget, spec: SweepSpec
+) -> tuple[Selection, Callable[[PyTree], list[str]]]:
+    """The weight-PTQ selection of a target: ``target.where`` if set, else ``spec.layers``
+    resolved by :func:`quantized_layers` (Linen model, no ``apply_fn``) or :func:`apply_layers`.
+
+    Returns:
+      ``(where, names)`` as :func:`quantized_layers`.
+
+    Raises:
+      ValueError: as :func:`quantized_layers` / :func:`apply_layers`.
+    """
+    image_shape = tuple(target.dataset.image_shape)
+    if target.where is not None:
+        return target.where, lambda params: [name for name, _ in select(params, target.where)]
+    if target.apply_fn is None:
+        return quantized_layers(target.model, image_shape, spec.layers)
+    return apply_layers(target.apply_fn, target.variables, image_shape, spec.layers)
 
 
 def _policy_dict(policy: QuantPolicy | None) -> dict[str, Any] | None:
@@ -167,16 +270,17 @@ def plan_sweep(target: SweepTarget, spec: SweepSpec) -> list[Task]:
     policy), and each mapped sweep is one program.
 
     Raises:
-      ValueError: if ``spec.layers`` selects nothing in the model, or the model cannot be
-        traced with the dataset's image shape.
+      ValueError: if ``spec.layers`` selects nothing in the model, the model cannot be
+        traced with the dataset's image shape, or a QAT target has no Linen ``model``.
     """
-    model, variables, dataset = target.model, target.variables, target.dataset
+    if target.qat is not None and target.qat.quantizes and target.model is None:
+        raise ValueError(f"target {target.label}: QAT points need its Linen model.")
+    variables, dataset = target.variables, target.dataset
     batch_size = spec.eval_batch_size
     batches = lambda: dataset.eval_batches(global_batch_size=batch_size)
-    where, names = quantized_layers(model, dataset.image_shape, spec.layers)
-    layer_names = calibration.layer_names(names(variables["params"]))
+    where, names = target_layers(target, spec)
     float_vars = {k: v for k, v in variables.items() if k != "quant"}
-    apply_fp = classifier_apply(model)
+    apply_fp = classifier_apply(target.model) if target.apply_fn is None else target.apply_fn
     fp_step = make_eval_step(apply_fp)
     tasks: list[Task] = []
     add = lambda kind, quantizer, n, run: tasks.append(Task(kind, quantizer, n, run))
@@ -200,15 +304,21 @@ def plan_sweep(target: SweepTarget, spec: SweepSpec) -> list[Task]:
 
             add("weight", name, 1, run)
 
-    if spec.wa_pairs:
+    skip_wa = _wa_skip_reason(target)
+    if spec.wa_pairs and skip_wa is not None:
+        for w_bits, a_bits in spec.wa_pairs:
+            record = {"checkpoint": target.label, "group": target.group, "kind": "weight_act",
+                      "quantizer": f"W{w_bits}A{a_bits}", "weight_bits": w_bits,
+                      "act_bits": a_bits, "reason": skip_wa}
+            tasks.append(Task("weight_act", record["quantizer"], 0, lambda: [],
+                              skipped=record))
+    elif spec.wa_pairs:
+        layer_names = calibration.layer_names(names(variables["params"]))
         cache: dict[int, calibration.ActivationCalibration] = {}
 
         def calibrated(act_bits: int) -> calibration.ActivationCalibration:
             if not cache:
-                images = next(dataset.train_batches(
-                    seed=spec.calibration_seed, start_step=0,
-                    global_batch_size=min(spec.calibration_images, dataset.num_train_examples),
-                ))["image"]
+                images = _calibration_images(target, spec)
                 chunks = [images[i:i + batch_size] for i in range(0, len(images), batch_size)]
                 cache.update(calibration.calibrate_activations(
                     apply_fp, float_vars, chunks, layers=layer_names,
@@ -253,6 +363,35 @@ def plan_sweep(target: SweepTarget, spec: SweepSpec) -> list[Task]:
     if target.qat is not None and target.qat.quantizes:
         tasks.extend(_qat_tasks(target, spec, batches))
     return tasks
+
+
+def _wa_skip_reason(target: SweepTarget) -> str | None:
+    """Why the target's W/A points cannot run, or ``None``."""
+    if target.model is None:
+        return ("weight+activation PTQ intercepts the inputs of Flax Linen nn.Conv/nn.Dense "
+                "layers; this model has no Linen module (an NNX or plain-JAX apply_fn)")
+    if target.calibration is None and not hasattr(target.dataset, "train_batches"):
+        return "weight+activation PTQ needs calibration images; none were given"
+    return None
+
+
+def _calibration_images(target: SweepTarget, spec: SweepSpec) -> np.ndarray:
+    """The W/A calibration images: ``target.calibration`` or the first training batch of
+    the dataset under ``spec.calibration_seed``, at most ``spec.calibration_images``."""
+    if target.calibration is not None:
+        images = target.calibration() if callable(target.calibration) else target.calibration
+        return np.asarray(images)[: spec.calibration_images]
+    return calibration_images(target.dataset, spec)
+
+
+def calibration_images(dataset: Any, spec: SweepSpec) -> np.ndarray:
+    """The W/A calibration images of a ``kure_jax.data.Dataset``: its first training batch
+    under data-order seed ``spec.calibration_seed``, float32 ``(N, H, W, C)`` with
+    ``N = min(spec.calibration_images, dataset.num_train_examples)``."""
+    return next(dataset.train_batches(
+        seed=spec.calibration_seed, start_step=0,
+        global_batch_size=min(spec.calibration_images, dataset.num_train_examples),
+    ))["image"]
 
 
 def _stochastic_task(target, spec, apply_fp, float_vars, batches, name, policy, where):

@@ -1,14 +1,18 @@
-"""Pallas kernels behind kure_jax's quantisation and KURE ops, with a jnp path everywhere else.
+"""Pallas kernels behind kure_jax's quantisation and KURE ops: backends below the core.
 
-Each public function has the signature and semantics of the op it accelerates, plus:
+The public ops take an ``impl`` argument and call these backends when the kernel runs:
+``kure_jax.fake_quant`` / ``kure_jax.quantize`` (fake quantisation with a given or an absmax
+step) and ``kure_jax.penalty`` / ``kurtosis_many`` / ``tensor_moments`` (KURE moments). This
+package imports nothing of the core (only ``kure_jax._arrays``-level helpers); it holds the
+kernels and the dispatch configuration:
 
 * ``impl``: ``"pallas"`` (the kernel; an input it cannot handle raises ValueError), ``"jnp"``
   (the library's plain ``jax.numpy`` op), ``"auto"`` (the kernel on the backends in
   ``AUTO_PALLAS_BACKENDS`` where it was measured faster than XLA — the penalty, and fake-quant
-  of 16-bit inputs with deterministic rounding — and jnp otherwise or for inputs it cannot
-  handle) or ``None``, which
-  reads the ``KURE_JAX_KERNELS`` environment variable (same values), default ``"auto"``.
-  The choice is made while tracing, so it is fixed per compiled program.
+  of 16-bit inputs with deterministic rounding, :func:`auto_takes_fake_quant` — and jnp
+  otherwise or for inputs it cannot handle) or ``None``, which reads the ``KURE_JAX_KERNELS``
+  environment variable (same values), default ``"auto"`` (:func:`resolve_impl`). The choice is
+  made while tracing, so it is fixed per compiled program.
 * ``platform`` / ``interpret``: which kernel variant (``"gpu"`` Triton, ``"tpu"`` Mosaic) and
   whether to run it in the Pallas interpreter (the default off GPU/TPU, and how the tests run
   the kernels on CPU).
@@ -16,32 +20,63 @@ Each public function has the signature and semantics of the op it accelerates, p
 CPU users and CI never need Pallas: on CPU ``"auto"`` is the jnp path. See BENCHMARKS.md for
 what the kernels gain, and where they do not, per backend.
 
+The old entry points ``kernels.fake_quant``, ``absmax_fake_quant``, ``penalty``,
+``kurtosis_many``, ``tensor_moments`` and ``Moments`` still work, with a ``DeprecationWarning``
+(same defaults and results as before); use the core functions with ``impl=`` instead.
+
 >>> import jax.numpy as jnp
 >>> from kure_jax import kernels
->>> kernels.fake_quant(jnp.array([0.26, -1.0, 3.0]), 0.5, bits=3, impl="jnp")
+>>> kernels.fake_quant_pallas(jnp.array([0.26, -1.0, 3.0]), 0.5, qmin=-4, qmax=3, interpret=True)
 Array([ 0.5, -1. ,  1.5], dtype=float32)
 """
 
+from kure_jax._deprecation import Lazy, deprecated_getattr
 from kure_jax.kernels._config import AUTO_PALLAS_BACKENDS as AUTO_PALLAS_BACKENDS
 from kure_jax.kernels._config import ENV_VAR as ENV_VAR
 from kure_jax.kernels._config import IMPLS as IMPLS
 from kure_jax.kernels._config import PLATFORMS as PLATFORMS
-from kure_jax.kernels._fake_quant import absmax_fake_quant as absmax_fake_quant
-from kure_jax.kernels._fake_quant import fake_quant as fake_quant
-from kure_jax.kernels._moments import Moments as Moments
-from kure_jax.kernels._moments import kurtosis_many as kurtosis_many
-from kure_jax.kernels._moments import penalty as penalty
-from kure_jax.kernels._moments import tensor_moments as tensor_moments
+from kure_jax.kernels._config import auto_takes_fake_quant as auto_takes_fake_quant
+from kure_jax.kernels._config import resolve_impl as resolve_impl
+from kure_jax.kernels._fake_quant import absmax_pallas as absmax_pallas
+from kure_jax.kernels._fake_quant import absmax_problem as absmax_problem
+from kure_jax.kernels._fake_quant import fake_quant_pallas as fake_quant_pallas
+from kure_jax.kernels._fake_quant import fake_quant_problem as fake_quant_problem
+from kure_jax.kernels._fake_quant import hash_uniform as hash_uniform
+from kure_jax.kernels._moments import kurtosis_pallas as kurtosis_pallas
+from kure_jax.kernels._moments import moments_pallas as moments_pallas
+from kure_jax.kernels._moments import moments_problem as moments_problem
 
 __all__ = [
     "AUTO_PALLAS_BACKENDS",
     "ENV_VAR",
     "IMPLS",
     "PLATFORMS",
-    "Moments",
-    "absmax_fake_quant",
-    "fake_quant",
-    "kurtosis_many",
-    "penalty",
-    "tensor_moments",
+    "absmax_pallas",
+    "absmax_problem",
+    "auto_takes_fake_quant",
+    "fake_quant_pallas",
+    "fake_quant_problem",
+    "hash_uniform",
+    "kurtosis_pallas",
+    "moments_pallas",
+    "moments_problem",
+    "resolve_impl",
 ]
+
+# The old entry points, now core functions above this package: resolved by name on first use
+# (kure_jax._kernel_aliases keeps their old defaults), so no import goes upward.
+_MOVED = {
+    "fake_quant": "kure_jax.fake_quant(..., impl=..., noise='hash')",
+    "absmax_fake_quant": "kure_jax.quantize(x, QuantPolicy(bits=..., axis=...), impl=...)",
+    "penalty": "kure_jax.penalty(..., impl=...)",
+    "kurtosis_many": "kure_jax.kurtosis_many(..., impl=...)",
+    "tensor_moments": "kure_jax.tensor_moments(..., impl=...)",
+    "Moments": "kure_jax.Moments",
+}
+__getattr__ = deprecated_getattr(__name__, {
+    name: (f"kure_jax.kernels.{name} is deprecated: use {new}; kure_jax.kernels holds only the "
+           "Pallas backends.", Lazy("kure_jax._kernel_aliases", name))
+    for name, new in _MOVED.items()
+})
+del Lazy, deprecated_getattr
+

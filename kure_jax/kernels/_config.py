@@ -23,14 +23,15 @@ import os
 from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 
 IMPLS: tuple[str, ...] = ("auto", "pallas", "jnp")
 PLATFORMS: tuple[str, ...] = ("gpu", "tpu")
 ENV_VAR = "KURE_JAX_KERNELS"
 # "auto" uses the kernels on GPU only, and there only where they measured faster than XLA (the
-# penalty; fake-quant per ``_fake_quant._auto_takes_kernel``): BENCHMARKS.md, "Dispatch
-# decision". The Mosaic (TPU) variant is lowered in CI but has never run on a TPU, so TPU stays
-# on the jnp path until it has.
+# penalty; fake-quant per ``auto_takes_fake_quant``): BENCHMARKS.md, "Dispatch decision". The
+# Mosaic (TPU) variant is lowered in CI but has never run on a TPU, so TPU stays on the jnp path
+# until it has.
 AUTO_PALLAS_BACKENDS: frozenset[str] = frozenset({"gpu"})
 
 
@@ -72,6 +73,16 @@ def resolve_impl(impl: str | None) -> tuple[str, bool]:
     if impl == "auto":
         return ("pallas" if local_backend() in AUTO_PALLAS_BACKENDS else "jnp"), False
     return impl, impl == "pallas"
+
+
+def auto_takes_fake_quant(dtype: jax.typing.DTypeLike, rounding: str) -> bool:
+    """Whether ``impl="auto"`` (on a backend in ``AUTO_PALLAS_BACKENDS``) runs a fake-quant kernel.
+
+    True for 16-bit inputs with deterministic rounding, where the kernels measured faster than
+    XLA's fusions; float32 and stochastic rounding stay on the jnp path (BENCHMARKS.md,
+    "Dispatch decision").
+    """
+    return jnp.dtype(dtype).itemsize == 2 and rounding != "stochastic"
 
 
 def launch(platform: str | None, interpret: bool | None) -> Launch:

@@ -1,4 +1,4 @@
-"""Pallas kernels of :func:`kure_jax.kernels.kurtosis_many`: moments of many tensors at once.
+"""Pallas kernels of :func:`kure_jax.kernels.kurtosis_pallas`: moments of many tensors at once.
 
 All tensors are passed to one ``pallas_call`` without concatenating them (a concatenation would
 be a copy). Each tensor is seen flat and cut into 1-D blocks; the grid walks the blocks of tensor

@@ -1,4 +1,8 @@
-r"""The KURE penalty with its moments and gradient from Pallas kernels: one read of the weights.
+r"""Per-tensor moments and kurtosis of many tensors from Pallas kernels: one read of the weights.
+
+The backend of ``kure_jax.kurtosis.tensor_moments``, ``kurtosis_many`` and ``penalty`` with
+``impl="pallas"``; the core validates the arguments and chooses between these kernels and its
+jnp path.
 
 For selected tensors ``W_i`` with ``n_i`` elements, mean ``mu_i``, central moments
 ``m_k = E[(W_i - mu_i)^k]`` and variance ``var_i = m_2 n_i / (n_i - ddof)``:
@@ -19,7 +23,7 @@ Sums are accumulated in float32 per block and merged exactly in float32 (see
 :func:`kure_jax.kernels._moment_kernels.merge`); results agree with ``kure_jax.kurtosis`` to about
 ``1e-6`` relative, not bit for bit. Powers are taken of values divided by a block's (then the
 tensor's) largest centred magnitude, so kurtosis and its gradient are finite and exact at any
-scale of the weights (std 1e-30 to 1e30); the raw moments of :func:`tensor_moments` are float32
+scale of the weights (std 1e-30 to 1e30); the raw moments of :func:`moments_pallas` are float32
 values and leave float32's range where ``std^k`` does.
 """
 
@@ -27,46 +31,18 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.typing import ArrayLike
 
 from kure_jax.kernels import _config
 from kure_jax.kernels import _moment_kernels as mk
-from kure_jax.kurtosis import (
-    REDUCTIONS,
-    UNIFORM_KURTOSIS,
-    kurtosis,
-    reduce_penalty_terms,
-    validate_ddof,
-)
-from kure_jax.kurtosis import penalty as core_penalty
-from kure_jax.selection import LeafPredicate, select
 
-__all__ = ["Moments", "kurtosis_many", "penalty", "tensor_moments"]
+__all__ = ["kurtosis_pallas", "moments_pallas", "moments_problem"]
 
-PyTree = Any
-
-
-class Moments(NamedTuple):
-    """Per-tensor statistics, each a float32 array of shape ``(num_tensors,)``.
-
-    Attributes:
-      mean: ``E[x]``.
-      m2: ``E[(x - mean)^2]`` (the ``ddof=0`` variance).
-      m3: ``E[(x - mean)^3]``.
-      m4: ``E[(x - mean)^4]``.
-      absmax: ``max |x|``.
-    """
-
-    mean: jax.Array
-    m2: jax.Array
-    m3: jax.Array
-    m4: jax.Array
-    absmax: jax.Array
+_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
 
 class _Spec(NamedTuple):
@@ -75,171 +51,90 @@ class _Spec(NamedTuple):
     launch: _config.Launch
 
 
-def tensor_moments(
-    tensors: Sequence[ArrayLike],
+def moments_problem(tensors: Sequence[jax.Array]) -> str | None:
+    """Why the moment kernels cannot take ``tensors``, or ``None`` if they can.
+
+    They take float32, bfloat16 and float16 tensors (of any non-empty shapes).
+    """
+    bad = sorted({str(t.dtype) for t in tensors if t.dtype not in _DTYPES})
+    if bad:
+        return f"tensors of dtype {bad} (kernels take float32, bfloat16 and float16)"
+    return None
+
+
+def _check(tensors: Sequence[jax.Array]) -> list[jax.Array]:
+    tensors = [jnp.asarray(t) for t in tensors]
+    problem = moments_problem(tensors)
+    if not tensors or any(t.size == 0 for t in tensors):
+        problem = "an empty sequence or an empty tensor"
+    if problem is not None:
+        raise ValueError(f"impl='pallas' cannot handle {problem}; use impl='jnp' or 'auto'.")
+    return tensors
+
+
+def moments_pallas(
+    tensors: Sequence[jax.Array],
     *,
-    impl: str | None = None,
     platform: str | None = None,
     interpret: bool | None = None,
     block_size: int | None = None,
-) -> Moments:
-    """Mean, central moments 2-4 and max-abs of each tensor, all tensors in one kernel launch.
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array]:
+    """``(mean, m2, m3, m4, absmax)`` of each tensor, all tensors in one kernel launch.
 
-    Not differentiable on the kernel path (use :func:`kurtosis_many` or :func:`penalty`).
+    ``m_k = E[(x - mean)^k]``; not differentiable (use :func:`kurtosis_pallas`).
 
     Args:
-      tensors: non-empty sequence of float arrays of any shapes (float32, bfloat16 or float16 on
-        the kernel path; computed in float32).
-      impl: ``"pallas"``, ``"jnp"``, ``"auto"`` or ``None`` (see :mod:`kure_jax.kernels`).
+      tensors: non-empty sequence of non-empty float32/bfloat16/float16 arrays of any shapes
+        (computed in float32).
       platform: kernel variant, ``"gpu"`` or ``"tpu"`` (``None``: the local backend).
       interpret: run the kernel in the Pallas interpreter (``None``: only off GPU/TPU).
       block_size: elements per kernel block (a power of two on GPU, a multiple of 1024 on TPU);
         ``None`` picks one per platform.
 
     Returns:
-      :class:`Moments`.
+      Five float32 arrays of shape ``(len(tensors),)``.
 
     Raises:
-      TypeError: if ``tensors`` is not a list or tuple (e.g. a single array).
-      ValueError: for an empty sequence, an empty tensor, an invalid ``impl``/``platform``/
-        ``block_size``, or (``impl="pallas"``) an unsupported dtype.
+      ValueError: for an unsupported dtype, an empty sequence or tensor, or an invalid
+        ``platform``/``interpret``/``block_size``.
     """
-    tensors = _as_tensors(tensors)
-    impl, strict = _config.resolve_impl(impl)
-    if impl == "pallas" and _kernel_applies(tensors, strict):
-        spec = _spec(tensors, 0, platform, interpret, block_size)
-        stats, shifts = mk.block_stats(spec.seg, tensors, spec.launch)
-        mean, m2, m3, m4, absmax, scale = mk.merge(spec.seg, stats, shifts)
-        return Moments(mean + shifts, m2 * scale**2, m3 * scale**3, m4 * scale**4, absmax)
-    stats = []
-    for t in tensors:
-        x = t.astype(jnp.promote_types(t.dtype, jnp.float32)).reshape(-1)
-        d = x - jnp.mean(x)
-        stats.append((jnp.mean(x), jnp.mean(d**2), jnp.mean(d**3), jnp.mean(d**4),
-                      jnp.max(jnp.abs(x))))
-    return Moments(*(jnp.stack(column) for column in zip(*stats, strict=True)))
+    tensors = _check(tensors)
+    spec = _spec(tensors, 0, platform, interpret, block_size)
+    stats, shifts = mk.block_stats(spec.seg, tensors, spec.launch)
+    mean, m2, m3, m4, absmax, scale = mk.merge(spec.seg, stats, shifts)
+    return mean + shifts, m2 * scale**2, m3 * scale**3, m4 * scale**4, absmax
 
 
-def kurtosis_many(
-    tensors: Sequence[ArrayLike],
+def kurtosis_pallas(
+    tensors: Sequence[jax.Array],
     *,
     ddof: int = 0,
-    impl: str | None = None,
     platform: str | None = None,
     interpret: bool | None = None,
     block_size: int | None = None,
 ) -> jax.Array:
-    """Kurtosis of each tensor (``kure_jax.kurtosis(t, ddof=ddof)`` for each ``t``), fused.
+    """Kurtosis ``m4 / var^2`` of each tensor, ``var = m2 n / (n - ddof)``, fused and
+    differentiable (the gradient is one more fused pass; module docstring).
 
-    Differentiable: on the kernel path the gradient is one more fused pass (module docstring).
+    A tensor whose variance is at rounding level gets kurtosis 0 and gradient 0, as
+    ``kure_jax.kurtosis``.
 
     Args:
-      tensors: non-empty sequence of float arrays of any shapes.
-      ddof: delta degrees of freedom of the variance (0: moments; 1: the KURE reference).
-      impl: as in :func:`tensor_moments`; the jnp path calls ``kure_jax.kurtosis`` per tensor.
-      platform: as in :func:`tensor_moments`.
-      interpret: as in :func:`tensor_moments`.
-      block_size: as in :func:`tensor_moments`.
+      tensors: as in :func:`moments_pallas`; each must have more than ``ddof`` elements.
+      ddof: delta degrees of freedom of the variance, a static int >= 0 (the caller checks it).
+      platform: as in :func:`moments_pallas`.
+      interpret: as in :func:`moments_pallas`.
+      block_size: as in :func:`moments_pallas`.
 
     Returns:
       float32 array of shape ``(len(tensors),)``.
 
     Raises:
-      TypeError, ValueError: as :func:`tensor_moments`, or (ValueError) for a ``ddof`` that is not
-        an int >= 0 or a tensor with no more than ``ddof`` elements.
+      ValueError: as :func:`moments_pallas`.
     """
-    tensors = _as_tensors(tensors)
-    ddof = validate_ddof(ddof)
-    small = [t.shape for t in tensors if t.size <= ddof]
-    if small:
-        raise ValueError(f"kurtosis needs > ddof={ddof} elements per tensor; got shapes {small}.")
-    impl, strict = _config.resolve_impl(impl)
-    if impl == "pallas" and _kernel_applies(tensors, strict):
-        return _kurtosis_fused(_spec(tensors, ddof, platform, interpret, block_size),
-                               tuple(tensors))
-    return jnp.stack([kurtosis(t, ddof=ddof).astype(jnp.float32) for t in tensors])
-
-
-def penalty(
-    params: PyTree,
-    target: float = UNIFORM_KURTOSIS,
-    *,
-    where: LeafPredicate | None = None,
-    reduction: str = "mean",
-    axis: int | Sequence[int] | None = None,
-    ddof: int = 0,
-    impl: str | None = None,
-    platform: str | None = None,
-    interpret: bool | None = None,
-    block_size: int | None = None,
-) -> jax.Array:
-    """Drop-in :func:`kure_jax.penalty` whose kurtosis and gradient come from the fused kernels.
-
-    ``reduce_i (Kurt[W_i] - target)^2`` over the selected leaves, with the arguments, selection
-    rules, reductions and result of :func:`kure_jax.penalty`. Per-channel kurtosis (``axis`` not
-    ``None``) has no kernel and uses ``kure_jax.penalty``.
-
-    Args:
-      params: any pytree of arrays.
-      target: the kurtosis target ``K_T`` (1.8 = uniform).
-      where: leaf selection (``None``: conv/dense kernels; see :mod:`kure_jax.selection`).
-      reduction: ``"mean"`` (paper), ``"sum"`` or ``"max"`` over the selected leaves.
-      axis: per-channel kurtosis axes, or ``None`` (per tensor, the paper's choice).
-      ddof: 0 or 1 (see :func:`kure_jax.kurtosis`).
-      impl: as in :func:`tensor_moments`; the jnp path is ``kure_jax.penalty`` itself.
-      platform: as in :func:`tensor_moments`.
-      interpret: as in :func:`tensor_moments`.
-      block_size: as in :func:`tensor_moments`.
-
-    Returns:
-      A float32 scalar.
-
-    Raises:
-      ValueError: as :func:`kure_jax.penalty` (no leaf selected, unknown reduction, bad axis),
-        as :func:`kurtosis_many`, or for ``impl="pallas"`` with ``axis`` set.
-    """
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}; got {reduction!r}.")
-    impl, strict = _config.resolve_impl(impl)
-    if impl == "pallas" and axis is not None:
-        if strict:
-            raise ValueError("impl='pallas' computes per-tensor kurtosis only; use axis=None.")
-        impl = "jnp"
-    leaves = [leaf for _, leaf in select(params, where)] if impl == "pallas" else []
-    if impl == "jnp" or not _kernel_applies(_as_tensors(leaves), strict):
-        return core_penalty(params, target, where=where, reduction=reduction, axis=axis,
-                                    ddof=ddof)
-    kurt = kurtosis_many(leaves, ddof=ddof, impl="pallas", platform=platform,
-                         interpret=interpret, block_size=block_size)
-    terms = (kurt - target) ** 2
-    return reduce_penalty_terms(terms, reduction)
-
-
-def _as_tensors(tensors: Sequence[ArrayLike]) -> list[jax.Array]:
-    # A lone array is a sequence of its rows to Python; a dict iterates over its keys.
-    if not isinstance(tensors, Sequence) or isinstance(tensors, str):
-        raise TypeError(
-            f"expected a list or tuple of arrays; got {type(tensors).__name__} (wrap a single "
-            "array in a list; for a pytree use kernels.penalty or jax.tree.leaves)."
-        )
-    tensors = [jnp.asarray(t) for t in tensors]
-    if not tensors:
-        raise ValueError("expected a non-empty sequence of arrays; got none.")
-    empty = [t.shape for t in tensors if t.size == 0]
-    if empty:
-        raise ValueError(f"tensors must not be empty; got shapes {empty}.")
-    return tensors
-
-
-def _kernel_applies(tensors: Sequence[jax.Array], strict: bool) -> bool:
-    bad = sorted({str(t.dtype) for t in tensors
-                  if t.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16)})
-    if bad and strict:
-        raise ValueError(
-            f"impl='pallas' takes float32, bfloat16 and float16 tensors; got {bad}. Use "
-            "impl='jnp' or 'auto'."
-        )
-    return not bad
+    tensors = _check(tensors)
+    return _kurtosis_fused(_spec(tensors, int(ddof), platform, interpret, block_size),
+                           tuple(tensors))
 
 
 def _spec(tensors, ddof, platform, interpret, block_size) -> _Spec:

@@ -1,4 +1,4 @@
-"""Pallas kernels of :func:`kure_jax.kernels.fake_quant` and the element math they share.
+"""Pallas kernels of :func:`kure_jax.kernels.fake_quant_pallas` and the element math they share.
 
 Each kernel works on a ``(rows, cols)`` matrix view (:mod:`kure_jax.kernels._layout`) with a 2-D
 grid of ``block`` tiles. Reductions (absmax, the step gradient) write one partial result per

@@ -75,11 +75,13 @@ class QATConfig:
       kernel_impl: how the quantizers with a fused kernel run (``"lsq"`` kernels and inputs,
         ``"max"`` kernels), one of ``kure_jax.kernels.IMPLS``:
 
-        * ``"jnp"`` (default): ``kure_jax.quant.fake_quant``, which XLA fuses with the ops
-          around it. Inside a training step that fusion may be worth more than the kernels'
-          standalone gain, and a step with the kernels has not been timed yet (BENCHMARKS.md).
-        * ``"pallas"``: the fused Pallas kernels of ``kure_jax.kernels.fake_quant`` (same values
-          and gradients; off GPU/TPU they run in the Pallas interpreter, slowly).
+        the ``impl`` of ``kure_jax.quant.fake_quant``, which those quantizers call:
+
+        * ``"jnp"`` (default): XLA's fusion of the jnp op with the ops around it. Inside a
+          training step that fusion may be worth more than the kernels' standalone gain, and a
+          step with the kernels has not been timed yet (BENCHMARKS.md).
+        * ``"pallas"``: the fused Pallas kernels of ``kure_jax.kernels`` (same values and
+          gradients; off GPU/TPU they run in the Pallas interpreter, slowly).
         * ``"auto"``: the kernels where ``kure_jax.kernels`` measured them faster than XLA on
           their own (16-bit tensors on GPU), the jnp path elsewhere.
 

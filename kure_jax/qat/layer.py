@@ -14,7 +14,6 @@ from typing import Protocol
 import jax
 import jax.numpy as jnp
 
-from kure_jax import kernels
 from kure_jax.qat.config import (
     INPUT_STATE_NAMES,
     KERNEL_STATE_NAMES,
@@ -61,8 +60,8 @@ def quantize_kernel(qat: QATConfig, w: jax.Array, state: QuantizerState) -> jax.
     bits, name = qat.weight_bits, qat.weight_quantizer
     if name == "lsq":
         step = state.get(KERNEL_STATE_NAMES["lsq"], lambda: lsq_init_scale(w, bits=bits))
-        return kernels.fake_quant(w, _floor(step), bits=bits, lsq_grad_scale=qat.lsq_grad_scale,
-                                  impl=qat.kernel_impl)
+        return fake_quant(w, _floor(step), bits=bits, lsq_grad_scale=qat.lsq_grad_scale,
+                          impl=qat.kernel_impl)
     if name == "learned_clip":
         alpha = state.get(KERNEL_STATE_NAMES["learned_clip"], lambda: _max_abs(w))
         return learned_clip_quant(w, _floor(alpha), bits=bits, signed=True)
@@ -72,7 +71,7 @@ def quantize_kernel(qat: QATConfig, w: jax.Array, state: QuantizerState) -> jax.
         return nested_fake_quant(w, bits=bits, nest_bits=qat.nest_bits, channel_axes=-1)
     # "max": symmetric narrow grid +-(2^(b-1) - 1) steps spanning exactly [-max|w|, max|w|].
     step = _floor(jax.lax.stop_gradient(_max_abs(w)) / (2 ** (bits - 1) - 1))
-    return kernels.fake_quant(w, step, bits=bits, narrow_range=True, impl=qat.kernel_impl)
+    return fake_quant(w, step, bits=bits, narrow_range=True, impl=qat.kernel_impl)
 
 
 def quantize_input(qat: QATConfig, x: jax.Array, state: QuantizerState) -> jax.Array:
@@ -87,8 +86,8 @@ def quantize_input(qat: QATConfig, x: jax.Array, state: QuantizerState) -> jax.A
     if name == "lsq":
         init = lambda signed: lsq_init_scale(x, bits=bits, signed=signed)
         signed, step = state.get_input(INPUT_STATE_NAMES["lsq"], x, init)
-        return kernels.fake_quant(x, _floor(step), bits=bits, signed=signed,
-                                  lsq_grad_scale=qat.lsq_grad_scale, impl=qat.kernel_impl)
+        return fake_quant(x, _floor(step), bits=bits, signed=signed,
+                          lsq_grad_scale=qat.lsq_grad_scale, impl=qat.kernel_impl)
     # "learned_clip": alpha starts at the largest magnitude seen, so nothing clips at first.
     init = lambda signed: _max_abs(x)
     signed, alpha = state.get_input(INPUT_STATE_NAMES["learned_clip"], x, init)

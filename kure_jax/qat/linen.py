@@ -65,6 +65,7 @@ __all__ = [
     "call_order",
     "init_quant_from_params",
     "is_quantizable",
+    "layer_interceptor",
     "layer_order",
     "quantized_apply",
     "quantized_init",
@@ -83,6 +84,32 @@ def is_quantizable(module: nn.Module) -> bool:
     return isinstance(module, QUANTIZABLE_LAYERS)
 
 
+LayerCall = Callable[[nn.Module, Callable[..., Any], tuple, dict], Any]
+
+
+def layer_interceptor(wrap: LayerCall) -> Callable[..., Any]:
+    """A ``flax.linen.intercept_methods`` interceptor around every quantisable layer call.
+
+    The one interception rule of the package (QAT here, activation calibration in
+    :mod:`kure_jax.evaluation.calibration`): ``wrap(module, call, args, kwargs)`` runs in place
+    of each ``__call__`` of a layer in ``QUANTIZABLE_LAYERS`` (``call(*args, **kwargs)`` is the
+    original call); other methods and other modules run unchanged.
+
+    Args:
+      wrap: ``(module, call, args, kwargs) -> output`` of the layer call.
+
+    Returns:
+      The interceptor, for ``with nn.intercept_methods(interceptor): ...``.
+    """
+
+    def interceptor(next_fun, args, kwargs, context):
+        if context.method_name != "__call__" or not is_quantizable(context.module):
+            return next_fun(*args, **kwargs)
+        return wrap(context.module, next_fun, args, kwargs)
+
+    return interceptor
+
+
 def call_order(thunk: Callable[[], Any]) -> list[tuple[tuple[str, ...], type[nn.Module]]]:
     """``(path, type)`` of every quantisable layer call made by ``thunk``, in call order.
 
@@ -91,12 +118,11 @@ def call_order(thunk: Callable[[], Any]) -> list[tuple[tuple[str, ...], type[nn.
     """
     calls = []
 
-    def record(next_fun, args, kwargs, context):
-        if context.method_name == "__call__" and is_quantizable(context.module):
-            calls.append((tuple(context.module.path), type(context.module)))
-        return next_fun(*args, **kwargs)
+    def record(module, call, args, kwargs):
+        calls.append((tuple(module.path), type(module)))
+        return call(*args, **kwargs)
 
-    with nn.intercept_methods(record):
+    with nn.intercept_methods(layer_interceptor(record)):
         # Return nothing: the model's outputs need not be arrays.
         jax.eval_shape(lambda: (thunk(), None)[1])
     return calls
@@ -356,14 +382,9 @@ def rule_predicate(
 def _interceptor(qat: QATConfig, float_paths: frozenset[str]):
     """Method interceptor that fake-quantises every quantisable layer not in ``float_paths``."""
 
-    def interceptor(next_fun, args, kwargs, context):
-        module = context.module
-        if (
-            context.method_name != "__call__"
-            or not is_quantizable(module)
-            or _path_name(module.path) in float_paths
-        ):
-            return next_fun(*args, **kwargs)
-        return quantized_call(module, qat, lambda: next_fun(*args, **kwargs))
+    def wrap(module, call, args, kwargs):
+        if _path_name(module.path) in float_paths:
+            return call(*args, **kwargs)
+        return quantized_call(module, qat, lambda: call(*args, **kwargs))
 
-    return interceptor
+    return layer_interceptor(wrap)

@@ -1,6 +1,7 @@
 """Uniform quantisation: fake-quant ops, the DoReFa / learned-clip quantizers, policies, PTQ.
 
-* :mod:`~kure_jax.quant.ops`: ``fake_quant`` (STE + LSQ gradients), rounding modes, code ranges.
+* :mod:`~kure_jax.quant.ops`: ``fake_quant`` (STE + LSQ gradients; jnp or the Pallas kernels of
+  :mod:`kure_jax.kernels` by ``impl``), rounding modes, code ranges.
 * :mod:`~kure_jax.quant.quantizers`: DoReFa weights/activations, the reference's learned clip.
 * :mod:`~kure_jax.quant.policy`: ``QuantPolicy`` and how a step is chosen (clip methods).
 * :mod:`~kure_jax.quant.ptq`: ``quantize_params``, post-training quantisation of a pytree.
@@ -14,6 +15,7 @@ from kure_jax.quant.nested import nested_fake_quant as nested_fake_quant
 from kure_jax.quant.nested import slice_codes as slice_codes
 from kure_jax.quant.ops import MAX_BITS as MAX_BITS
 from kure_jax.quant.ops import MIN_BITS as MIN_BITS
+from kure_jax.quant.ops import NOISE_SOURCES as NOISE_SOURCES
 from kure_jax.quant.ops import ROUNDING_MODES as ROUNDING_MODES
 from kure_jax.quant.ops import check_key as check_key
 from kure_jax.quant.ops import fake_quant as fake_quant
@@ -37,6 +39,7 @@ __all__ = [
     "CLIP_METHODS",
     "MAX_BITS",
     "MIN_BITS",
+    "NOISE_SOURCES",
     "ROUNDING_MODES",
     "QuantPolicy",
     "check_key",

@@ -14,6 +14,10 @@ Conventions used throughout:
   dtype, so bfloat16/float16 inputs give outputs of the same dtype.
 * Checks on values (``scale > 0``) run only when the value is concrete; inside ``jax.jit`` or
   ``jax.vmap`` the scale is a tracer and cannot be checked.
+* ``impl`` picks the implementation: ``"jnp"`` (default; XLA fuses it with the ops around it),
+  ``"pallas"`` (the fused kernels of :mod:`kure_jax.kernels`) or ``"auto"`` (the kernel only
+  where it was measured faster); ``None`` reads ``$KURE_JAX_KERNELS``. Both give the same values
+  and gradients.
 
 References:
   Esser, McKinstry, Bablani, Appuswamy, Modha. "Learned Step Size Quantization", ICLR 2020.
@@ -30,10 +34,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
+from kure_jax import kernels
 from kure_jax._arrays import check_broadcastable, check_positive, sum_to_shape
 from kure_jax._axes import canonical_axes
 
 ROUNDING_MODES: tuple[str, ...] = ("nearest", "nearest_away", "stochastic", "floor")
+NOISE_SOURCES: tuple[str, ...] = ("random", "hash")
 MIN_BITS = 2
 MAX_BITS = 16
 
@@ -164,6 +170,11 @@ def fake_quant(
     key: jax.Array | None = None,
     narrow_range: bool = False,
     lsq_grad_scale: bool = False,
+    impl: str | None = "jnp",
+    noise: str | None = None,
+    platform: str | None = None,
+    interpret: bool | None = None,
+    block_shape: tuple[int, int] | None = None,
 ) -> jax.Array:
     r"""Quantises ``x`` onto a uniform grid and returns the dequantised values.
 
@@ -196,6 +207,20 @@ def fake_quant(
       key: PRNG key for ``"stochastic"`` rounding; ignored by the other modes.
       narrow_range: use 2^b - 1 codes (see ``integer_range``).
       lsq_grad_scale: multiply the scale gradient by ``1 / sqrt(N * q_max)`` as LSQ recommends.
+      impl: ``"jnp"`` (default), ``"pallas"`` (the fused kernel,
+        :func:`kure_jax.kernels.fake_quant_pallas`: float32/bfloat16/float16 ``x``, zero point 0,
+        a step varying along leading or trailing axes; anything else raises), ``"auto"`` (the
+        kernel where :mod:`kure_jax.kernels` measured it faster, else jnp) or ``None``
+        (``$KURE_JAX_KERNELS``, else ``"auto"``). The same values either way (up to the last
+        bit of ``x / s`` on GPU, see :mod:`kure_jax.kernels._fake_quant`).
+      noise: the uniform draws of ``"stochastic"`` rounding: ``"random"``
+        (``jax.random.uniform(key, x.shape)``; jnp only) or ``"hash"`` (the kernels'
+        counter-based hash, :func:`kure_jax.kernels.hash_uniform`, identical on both paths).
+        ``None``: ``"hash"`` when the kernel is asked for by name, else ``"random"``.
+      platform: kernel option, ``"gpu"`` or ``"tpu"`` variant (``None``: the local backend).
+      interpret: kernel option, run in the Pallas interpreter (``None``: only off GPU/TPU).
+      block_shape: kernel option, the ``(rows, cols)`` tile (``None``: one per platform).
+        The kernel options are checked and used only when the kernel runs.
 
     Returns:
       Array of ``x``'s shape and dtype (float32 if ``x`` is not floating).
@@ -204,15 +229,21 @@ def fake_quant(
       ValueError: for invalid ``bits`` or ``rounding``, ``"stochastic"`` without ``key``,
         ``scale``/``zero_point`` shapes that do not broadcast to ``x.shape``, a concrete
         ``scale`` with an entry that is not finite and > 0, or a concrete non-finite
-        ``zero_point``. Inside ``jit``/``vmap`` the values are not checked.
+        ``zero_point``. Inside ``jit``/``vmap`` the values are not checked. Also for an
+        invalid ``impl``/``noise`` or kernel option, and for ``impl="pallas"`` with an input
+        the kernel cannot take (see ``impl``) or ``noise="random"`` with stochastic rounding.
 
     >>> fake_quant(jnp.array([0.26, -1.0, 3.0]), 0.5, bits=3)
     Array([ 0.5, -1. ,  1.5], dtype=float32)
     """
     qmin, qmax = integer_range(bits, signed, narrow_range=narrow_range)
     rounding = validate_rounding(rounding)
+    choice, strict = kernels.resolve_impl(impl)
+    noise = _noise_source(noise, strict)
     x = jnp.asarray(x)
     dtype = jnp.promote_types(x.dtype, jnp.float32)
+    in_dtype = x.dtype  # The kernel's dtype rule applies to x as given, before any cast.
+    no_zero_point = _is_zero(zero_point)  # Before asarray, which traces a constant under jit.
     if not jnp.issubdtype(x.dtype, jnp.floating):
         x = x.astype(dtype)
     scale = jnp.asarray(scale, dtype)
@@ -222,12 +253,29 @@ def fake_quant(
     check_positive("scale", scale)
     if not isinstance(zero_point, jax.core.Tracer) and not np.all(np.isfinite(zero_point)):
         raise ValueError(f"zero_point must be finite; got {zero_point!r}.")
-    noise = _uniform_noise(key, x.shape, dtype, rounding)
+    if rounding == "stochastic" and key is None:
+        raise ValueError(_MISSING_KEY)
     grad_factor = 1.0
     if lsq_grad_scale:
         grad_factor = 1.0 / math.sqrt(max(x.size // scale.size, 1) * qmax)
+    if choice == "pallas":
+        problem = kernels.fake_quant_problem(in_dtype, x.shape, scale.shape)
+        if problem is None and not no_zero_point:
+            problem = "a zero point other than a concrete 0"
+        if problem is None and rounding == "stochastic" and noise == "random":
+            problem = "noise='random' (the kernel draws noise='hash')"
+        if problem is not None and strict:
+            raise ValueError(f"impl='pallas' cannot handle {problem}; use impl='jnp' or 'auto'.")
+        if problem is None and (strict or kernels.auto_takes_fake_quant(in_dtype, rounding)):
+            if rounding == "stochastic":
+                check_key(key)
+            return kernels.fake_quant_pallas(
+                x, scale, qmin=qmin, qmax=qmax, rounding=rounding, key=key,
+                grad_factor=grad_factor, platform=platform, interpret=interpret,
+                block_shape=block_shape)
+    draws = _uniform_noise(key, x.shape, dtype, rounding, noise)
     spec = _Spec(qmin, qmax, rounding, grad_factor)
-    return _fake_quant(spec, x, scale, zero_point, noise)
+    return _fake_quant(spec, x, scale, zero_point, draws)
 
 
 def lsq_init_scale(
@@ -263,24 +311,39 @@ def lsq_init_scale(
     return jnp.maximum(2.0 * mean_abs / math.sqrt(qmax), jnp.finfo(dtype).tiny)
 
 
+_MISSING_KEY = (
+    "rounding='stochastic' needs a PRNG key (key=jax.random.key(...)); the deterministic "
+    f"modes are {tuple(m for m in ROUNDING_MODES if m != 'stochastic')}."
+)
 
 
+def _noise_source(noise: str | None, strict: bool) -> str:
+    """``noise`` validated; ``None`` is ``"hash"`` when the kernel is asked for by name."""
+    if noise is None:
+        return "hash" if strict else "random"
+    if not isinstance(noise, str) or noise not in NOISE_SOURCES:
+        raise ValueError(f"noise must be None or one of {NOISE_SOURCES}; got {noise!r}.")
+    return noise
 
 
+def _is_zero(zero_point: ArrayLike) -> bool:
+    """Whether ``zero_point`` is a concrete scalar 0 (the kernels have no zero point)."""
+    return (not isinstance(zero_point, jax.core.Tracer) and np.ndim(zero_point) == 0
+            and float(zero_point) == 0.0)
 
 
 def _uniform_noise(
-    key: jax.Array | None, shape: tuple[int, ...], dtype: jnp.dtype, rounding: str
+    key: jax.Array | None, shape: tuple[int, ...], dtype: jnp.dtype, rounding: str,
+    source: str = "random",
 ) -> jax.Array | None:
     """U[0, 1) draws for stochastic rounding (None for the deterministic modes)."""
     if rounding != "stochastic":
         return None
     if key is None:
-        raise ValueError(
-            "rounding='stochastic' needs a PRNG key (key=jax.random.key(...)); the deterministic "
-            f"modes are {tuple(m for m in ROUNDING_MODES if m != 'stochastic')}."
-        )
+        raise ValueError(_MISSING_KEY)
     check_key(key)
+    if source == "hash":  # The kernels' stream, so that this path reproduces them exactly.
+        return kernels.hash_uniform(key, shape)
     # At least float32 so that bfloat16 inputs still get fine-grained probabilities.
     return jax.random.uniform(key, shape, jnp.promote_types(dtype, jnp.float32))
 

@@ -48,6 +48,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
+from kure_jax import kernels
 from kure_jax._axes import canonical_axes
 from kure_jax.quant import ops as quant
 
@@ -259,12 +260,15 @@ def _mse_ratio(
 
 
 def _clip_range(
-    x: jax.Array, policy: QuantPolicy, reduce: tuple[int, ...]
+    x: jax.Array, policy: QuantPolicy, reduce: tuple[int, ...], amax: jax.Array | None = None
 ) -> tuple[jax.Array, ...]:
-    """The range ``[lo, hi]`` chosen by ``policy.clip``, reduced over ``reduce`` with keepdims."""
+    """The range ``[lo, hi]`` chosen by ``policy.clip``, reduced over ``reduce`` with keepdims.
+
+    ``amax``: ``max|x|`` with keepdims if already computed (by the absmax kernel).
+    """
     stat = lambda f, v, **kw: f(v, axis=reduce, keepdims=True, **kw)
     if policy.symmetric:
-        amax = stat(jnp.max, jnp.abs(x))
+        amax = stat(jnp.max, jnp.abs(x)) if amax is None else amax
         xmin, xmax = (-amax if policy.signed else jnp.zeros_like(amax)), amax
     else:
         xmin, xmax = stat(jnp.min, x), stat(jnp.max, x)
@@ -332,7 +336,11 @@ def compute_step(
     (Array(0.33333334, dtype=float32), Array(0., dtype=float32))
     """
     check_policy(policy)
-    x = jnp.asarray(x)
+    return _compute_step(jnp.asarray(x), policy, step_ratio, None)
+
+
+def _check_input(x: jax.Array) -> None:
+    """ValueError unless ``x`` is a non-empty floating array with (if concrete) finite values."""
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise ValueError(f"compute_step needs a floating array; got dtype {x.dtype}.")
     if x.size == 0:
@@ -342,10 +350,18 @@ def compute_step(
         # jit, silently turns every output into NaN).
         raise ValueError(f"compute_step needs finite values; x has "
                          f"{int(jnp.sum(~jnp.isfinite(x)))} NaN/inf entries.")
-    x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
+def _compute_step(
+    x: jax.Array, policy: QuantPolicy, step_ratio: ArrayLike | None, amax_fn
+) -> tuple[jax.Array, jax.Array]:
+    """:func:`compute_step`; ``amax_fn(x, kept)``, if given, computes ``max|x|`` (the kernel)."""
+    _check_input(x)
     kept = kept_axes(policy.axis, x.ndim)
+    amax = None if amax_fn is None else amax_fn(x, kept)
+    x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
     reduce = tuple(i for i in range(x.ndim) if i not in kept)
-    lo, hi = _clip_range(x, policy, reduce)
+    lo, hi = _clip_range(x, policy, reduce, amax)
     scale, zero_point = _range_to_step(lo, hi, policy)
     if policy.axis is None:  # Per-tensor: plain scalars rather than shape (1, ..., 1).
         scale, zero_point = scale.reshape(()), zero_point.reshape(())
@@ -380,6 +396,11 @@ def quantize(
     *,
     key: jax.Array | None = None,
     step_ratio: ArrayLike | None = None,
+    impl: str | None = "jnp",
+    noise: str | None = None,
+    platform: str | None = None,
+    interpret: bool | None = None,
+    block_shape: tuple[int, int] | None = None,
 ) -> jax.Array:
     r"""Fake-quantises ``x`` under ``policy`` (quantise, then dequantise to floats).
 
@@ -395,13 +416,24 @@ def quantize(
       policy: the quantizer.
       key: PRNG key, required when ``policy.rounding == "stochastic"``, ignored otherwise.
       step_ratio: optional scalar multiplying the step (see ``compute_step``).
+      impl: ``"jnp"`` (default), ``"pallas"``, ``"auto"`` or ``None`` as in
+        ``quant.fake_quant``. The kernel path covers symmetric ``clip="max"`` policies without
+        ``pow2_step`` or ``bias_correction`` whose channel axes are leading or trailing: a
+        reduction kernel computes ``max|x|`` (:func:`kure_jax.kernels.absmax_pallas`), the
+        fake-quant kernel does the rest; the same values and gradients as the jnp path.
+      noise: the draws of stochastic rounding, as in ``quant.fake_quant``.
+      platform: kernel option, as in ``quant.fake_quant``.
+      interpret: kernel option, as in ``quant.fake_quant``.
+      block_shape: kernel option, as in ``quant.fake_quant``.
 
     Returns:
       Array of ``x``'s shape and dtype. Without bias correction every entry lies on the grid
       ``(k - z) * D`` with integer ``k`` in ``[q_min, q_max]``.
 
     Raises:
-      ValueError: as ``compute_step``, or for stochastic rounding without ``key``.
+      ValueError: as ``compute_step``, or for stochastic rounding without ``key``, an invalid
+        ``impl``/``noise``/kernel option, or ``impl="pallas"`` with a policy or input the
+        kernels cannot take (see ``impl``).
 
     >>> quantize(jnp.array([-1.0, 0.2, 0.7]), QuantPolicy(bits=3))
     Array([-1.        ,  0.33333334,  0.6666667 ], dtype=float32)
@@ -413,11 +445,39 @@ def quantize(
             "QuantPolicy(rounding='stochastic') needs key=jax.random.key(...); the deterministic "
             f"roundings are {tuple(m for m in quant.ROUNDING_MODES if m != 'stochastic')}."
         )
+    choice, strict = kernels.resolve_impl(impl)
+    if choice == "pallas" and _takes_absmax_kernel(x, policy, strict):
+        amax = lambda xs, kept: kernels.absmax_pallas(xs, kept, platform=platform,
+                                                      interpret=interpret,
+                                                      block_shape=block_shape)
+        scale, _ = _compute_step(jax.lax.stop_gradient(x), policy, step_ratio, amax)
+        # x in its own dtype (a 16-bit read is the kernels' gain); the zero point is 0.
+        return quant.fake_quant(x, scale, bits=policy.bits, signed=policy.signed,
+                                rounding=policy.rounding, key=key, narrow_range=_narrow(policy),
+                                impl="pallas", noise=noise, platform=platform,
+                                interpret=interpret, block_shape=block_shape)
     scale, zero_point = compute_step(jax.lax.stop_gradient(x), policy, step_ratio=step_ratio)
     xf = x.astype(scale.dtype)
     q = quant.fake_quant(xf, scale, bits=policy.bits, zero_point=zero_point,
                          signed=policy.signed, rounding=policy.rounding, key=key,
-                         narrow_range=_narrow(policy))
+                         narrow_range=_narrow(policy), noise=noise)
     if policy.bias_correction:
         q = _bias_correct(xf, q, policy)
     return q.astype(x.dtype)
+
+
+def _takes_absmax_kernel(x: jax.Array, policy: QuantPolicy, strict: bool) -> bool:
+    """Whether a call resolved to the kernel runs it: ``impl="pallas"`` (``strict``) whenever
+    the kernels can take the policy and ``x`` (a refusal raises), ``impl="auto"`` only where
+    they were measured faster too."""
+    problem = None
+    if policy.clip != "max" or not policy.symmetric or policy.pow2_step or policy.bias_correction:
+        problem = ("this policy (the kernels take symmetric clip='max' policies without "
+                   "pow2_step or bias_correction)")
+    elif not jnp.issubdtype(x.dtype, jnp.floating):
+        _check_input(x)  # compute_step's error for a non-float x, also on this path.
+    else:
+        problem = kernels.absmax_problem(x.dtype, x.shape, kept_axes(policy.axis, x.ndim))
+    if problem is not None and strict:
+        raise ValueError(f"impl='pallas' cannot handle {problem}; use impl='jnp' or 'auto'.")
+    return problem is None and (strict or kernels.auto_takes_fake_quant(x.dtype, policy.rounding))

@@ -3,9 +3,9 @@
 ``train.py`` only parses flags and calls :func:`train_and_evaluate`; tests call it directly.
 """
 
+from kure_jax._deprecation import deprecated_getattr as _deprecated_getattr
 from kure_jax.training import loop as _loop
 from kure_jax.training import step as _step
-from kure_jax.training._deprecations import deprecated_getattr as _deprecated_getattr
 from kure_jax.training.build import build_model as build_model
 from kure_jax.training.build import qat_config as qat_config
 from kure_jax.training.build import step_config as step_config

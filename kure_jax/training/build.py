@@ -13,9 +13,17 @@ from kure_jax import PAPER_LAYERS, QATConfig
 from kure_jax.models import get_model
 from kure_jax.qat.linen import rule_predicate
 from kure_jax.selection import LeafPredicate
+from kure_jax.training.multibit import MULTIBIT_FIELDS
 from kure_jax.training.step import StepConfig
 
-__all__ = ["build_model", "kure_selection", "qat_config", "step_config"]
+__all__ = [
+    "build_model",
+    "kure_selection",
+    "multibit_bits",
+    "multibit_qat_configs",
+    "qat_config",
+    "step_config",
+]
 
 PyTree = Any
 
@@ -52,18 +60,49 @@ def qat_config(
 ) -> QATConfig | None:
     """A :class:`kure_jax.QATConfig` from ``config.qat`` if ``enabled``, else ``None``.
 
-    Every field of ``config.qat`` except ``enabled`` is passed to ``QATConfig``, which
-    validates them (ValueError with the allowed values). ``kernel_impl``, if given, replaces
-    ``config.qat.kernel_impl``: which kernels run is a choice for the machine at hand (a
-    checkpoint trained with ``"pallas"`` on a GPU would run interpreted kernels on a CPU), and
+    Every field of ``config.qat`` except ``enabled`` and the multi-bit ones (``bits``,
+    ``multibit``, ``bn_per_bits``: :func:`step_config`'s) is passed to ``QATConfig``, which
+    validates them (ValueError with the allowed values). With ``config.qat.bits`` set this is
+    the template of every width (:func:`multibit_qat_configs` gives them). ``kernel_impl``, if
+    given, replaces ``config.qat.kernel_impl``: which kernels run is a choice for the machine
+    at hand (a checkpoint trained with ``"pallas"`` on a GPU would run interpreted kernels on a
+    CPU), and
     the values do not depend on it.
     """
     if not config.qat.enabled:
         return None
-    fields = {k: v for k, v in config.qat.to_dict().items() if k != "enabled"}
+    fields = {k: v for k, v in config.qat.to_dict().items()
+              if k != "enabled" and k not in MULTIBIT_FIELDS}
     if kernel_impl is not None:
         fields["kernel_impl"] = kernel_impl
     return QATConfig(**fields)
+
+
+def multibit_bits(config: ml_collections.ConfigDict) -> tuple[int, ...] | None:
+    """``config.qat.bits`` as a tuple (JSON configs hold a list), or ``None`` for one width.
+
+    ``None`` also for a config without the field (written before it existed) or with QAT off.
+    """
+    bits = config.qat.get("bits", None)
+    if bits is None or not config.qat.enabled:
+        return None
+    return tuple(bits) if isinstance(bits, list | tuple) else bits  # a scalar: refused later
+
+
+def multibit_qat_configs(
+    config: ml_collections.ConfigDict, *, kernel_impl: str | None = None
+) -> dict[int, QATConfig]:
+    """``{bits: QATConfig}`` of every width of a multi-bit config; ``{}`` for one width.
+
+    Raises:
+      ValueError: as :func:`kure_jax.training.multibit.width_qats` (e.g. learned quantizers).
+    """
+    from kure_jax.training.multibit import width_qats
+
+    bits = multibit_bits(config)
+    if bits is None:
+        return {}
+    return dict(width_qats(qat_config(config, kernel_impl=kernel_impl), bits))
 
 
 def kure_selection(
@@ -99,7 +138,15 @@ def step_config(
     *,
     axis_name: str | None,
 ) -> StepConfig:
-    """The :class:`StepConfig` of a training config (see :func:`kure_selection`)."""
+    """The :class:`StepConfig` of a training config (see :func:`kure_selection`).
+
+    ``config.qat.bits``/``multibit``/``bn_per_bits`` become ``StepConfig.qat_bits``/
+    ``multibit``/``bn_per_bits`` (ignored without ``bits`` or with QAT off, where
+    :func:`~kure_jax.training.config.validate_config` refuses them).
+
+    Raises:
+      ValueError: as :class:`StepConfig` (e.g. multi-bit QAT with learned quantizers).
+    """
     return StepConfig(
         num_classes=config.num_classes,
         kure_lambda=float(config.kure.lambda_),
@@ -110,4 +157,8 @@ def step_config(
         label_smoothing=float(config.label_smoothing),
         qat=qat_config(config),
         axis_name=axis_name,
+        qat_bits=multibit_bits(config),
+        # Absent from configs written before multi-bit QAT: one width, shared BatchNorm.
+        multibit=config.qat.get("multibit", "sum"),
+        bn_per_bits=multibit_bits(config) is not None and config.qat.get("bn_per_bits", False),
     )

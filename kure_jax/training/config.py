@@ -18,6 +18,7 @@ import ml_collections
 from kure_jax.kernels import IMPLS
 from kure_jax.kurtosis import REDUCTIONS
 from kure_jax.models import MODEL_NAMES
+from kure_jax.training.multibit import MULTIBIT_MODES
 
 __all__ = [
     "DTYPES",
@@ -62,12 +63,18 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         model, optimizer, schedule, dtype, parallel mode, KURE selection, reduction or
         penalty implementation,
         a non-positive size or rate, milestones that do not increase, or a batch size
-        that is not divisible by the number of processes.
+        that is not divisible by the number of processes; for ``qat.bits`` with QAT off, or
+        refused by :func:`kure_jax.training.multibit.width_qats` (learned quantizers, repeated
+        or invalid widths), an unknown ``qat.multibit`` and ``qat.bn_per_bits`` without
+        ``qat.bits``.
       AttributeError: if a required field is missing (``ml_collections``' message names it).
     """
     _choice(config.model, MODEL_NAMES, "model")
-    if not isinstance(config.init_from, str):
-        raise ValueError(f"config.init_from must be a path or ''; got {config.init_from!r}.")
+    # None (the default) or "" (configs written before it was a placeholder): a random init.
+    if config.init_from is not None and not isinstance(config.init_from, str):
+        raise ValueError(
+            f"config.init_from must be a checkpoint path or None; got {config.init_from!r}."
+        )
     _choice(config.optimizer.name, OPTIMIZERS, "optimizer.name")
     _choice(config.schedule.name, SCHEDULES, "schedule.name")
     _choice(config.dtype, DTYPES, "dtype")
@@ -102,6 +109,31 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                 f"for the 'step' schedule; got {milestones}."
             )
         _positive(config.schedule.gamma, "schedule.gamma")
+    _check_multibit(config)
+
+
+def _check_multibit(config: ml_collections.ConfigDict) -> None:
+    """``config.qat.bits``/``multibit``/``bn_per_bits`` (absent in configs older than them)."""
+    from kure_jax.training.build import multibit_qat_configs  # build imports the step
+
+    qat = config.qat
+    _choice(qat.get("multibit", "sum"), MULTIBIT_MODES, "qat.multibit")
+    bn_per_bits = qat.get("bn_per_bits", False)
+    if not isinstance(bn_per_bits, bool):
+        raise ValueError(f"config.qat.bn_per_bits must be True or False; got {bn_per_bits!r}.")
+    bits = qat.get("bits", None)
+    if bits is None:
+        if bn_per_bits:
+            raise ValueError("config.qat.bn_per_bits keeps BatchNorm statistics per bit width: "
+                             "it needs config.qat.bits (e.g. (8, 4, 2)).")
+        return
+    if not qat.enabled:
+        raise ValueError(f"config.qat.bits={bits!r} trains several bit widths, but "
+                         "config.qat.enabled is False.")
+    try:
+        multibit_qat_configs(config)
+    except ValueError as err:
+        raise ValueError(f"config.qat.bits: {err}") from None
 
 
 def total_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:

@@ -25,7 +25,30 @@ from kure_jax.training.parallel import Parallel, make_parallel
 from kure_jax.training.state import TrainState, create_train_state, state_from_tree, state_to_tree
 from kure_jax.training.step import StepConfig, make_state_eval_step, make_train_step
 
-__all__ = ["NonFiniteLossError", "TrainResult", "train_and_evaluate"]
+__all__ = ["NonFiniteLossError", "StartupError", "TrainResult", "train_and_evaluate"]
+
+
+class StartupError(Exception):
+    """A run could not start: invalid config, data not on disk, or an ``init_from`` checkpoint
+    that is missing or does not fit the model. Nothing was trained.
+
+    Raised as a subclass that is also the original error's type (``ValueError`` or
+    ``FileNotFoundError``, the original chained as ``__cause__``), so code catching those still
+    does; ``train.py`` prints it as one ``error:`` line.
+    """
+
+
+class _StartupValueError(StartupError, ValueError):
+    """A :class:`StartupError` from a ``ValueError``."""
+
+
+class _StartupFileNotFoundError(StartupError, FileNotFoundError):
+    """A :class:`StartupError` from a ``FileNotFoundError``."""
+
+
+def _startup_error(err: ValueError | FileNotFoundError, context: str = "") -> StartupError:
+    kind = _StartupFileNotFoundError if isinstance(err, FileNotFoundError) else _StartupValueError
+    return kind(f"{context}{err}")
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -165,18 +188,25 @@ def train_and_evaluate(
       A :class:`TrainResult` with the final state and the last evaluation.
 
     Raises:
-      ValueError: for an invalid config (see :func:`validate_config`), an unknown
-        dataset, or batch sizes that do not divide over the devices.
+      StartupError: before anything is trained, as a ``ValueError`` for an invalid config
+        (see :func:`validate_config`), an unknown dataset, batch sizes that do not divide
+        over the devices, or an ``init_from`` checkpoint whose params/batch_stats do not fit
+        the model (naming the first differing leaf and both shapes); as a
+        ``FileNotFoundError`` for a dataset that is not on disk (saying what to download and
+        where) or an ``init_from`` path without a checkpoint.
       NonFiniteLossError: if a step's loss, gradients or new state are not finite;
         checkpoints written before it remain, none of the bad state is written.
       KeyboardInterrupt: re-raised after saving the last finished step as a checkpoint
         (single process, finite state; see ``_save_on_interrupt``).
     """
-    validate_config(config)
+    try:
+        validate_config(config)
+        dataset = get_dataset(config.dataset, **config.dataset_options.to_dict())
+        parallel = make_parallel(config.parallel)
+        _check_sizes(config, dataset, parallel)
+    except (ValueError, FileNotFoundError) as err:
+        raise _startup_error(err) from err
     workdir = pathlib.Path(workdir)
-    dataset = get_dataset(config.dataset, **config.dataset_options.to_dict())
-    parallel = make_parallel(config.parallel)
-    _check_sizes(config, dataset, parallel)
 
     steps_per_epoch = dataset.num_train_examples // config.batch_size
     num_steps = total_steps(config, steps_per_epoch)
@@ -186,8 +216,11 @@ def train_and_evaluate(
     ckpt_every = every_steps(config.checkpoint_every_steps, steps_per_epoch)
 
     schedule = make_schedule(config, steps_per_epoch=steps_per_epoch, num_steps=num_steps)
-    model = build_model(config, axis_name=parallel.axis_name)
-    qat = qat_config(config)
+    try:
+        model = build_model(config, axis_name=parallel.axis_name)
+        qat = qat_config(config)
+    except ValueError as err:
+        raise _startup_error(err) from err
     sample_images = None
     if qat is not None:  # the whole first global batch, identical on every process
         first = dataset.train_batches(
@@ -198,19 +231,33 @@ def train_and_evaluate(
     checkpoints = Checkpoints(workdir, keep=config.keep_checkpoints, keep_best=config.keep_best)
     start_step = checkpoints.latest_step() or 0
     pretrained = None
-    if config.init_from and not start_step:  # a resumed run has its own weights
-        _, _, pretrained = restore_for_eval(config.init_from, which="best")
-        if is_chief:
-            logging.info("Initialising params and batch_stats from %s.", config.init_from)
-    state = create_train_state(
-        model,
-        rng=jax.random.key(config.seed),
-        input_shape=dataset.image_shape,
-        tx=make_optimizer(config, schedule),
-        qat=qat,
-        sample_images=sample_images,
-        pretrained=pretrained,
-    )
+    init_from = config.init_from if not start_step else None  # a resumed run has its own weights
+    context = f"config.init_from={init_from}: " if init_from else ""
+    try:
+        if init_from and not pathlib.Path(init_from).exists():
+            raise FileNotFoundError(
+                "no such file or directory; expected a train.py workdir (or one of its "
+                "checkpoint directories) or the --out directory of python -m "
+                "kure_jax.models.convert."
+            )
+        if init_from:
+            # Only params and batch_stats are taken: the optimizer state and step start afresh
+            # (a fine-tune is a new run), and an old QAT "quant" collection is re-initialised.
+            _, _, pretrained = restore_for_eval(init_from, which="best")
+            if is_chief:
+                logging.info("Initialising params and batch_stats from %s.", init_from)
+        state = create_train_state(
+            model,
+            rng=jax.random.key(config.seed),
+            input_shape=dataset.image_shape,
+            tx=make_optimizer(config, schedule),
+            qat=qat,
+            sample_images=sample_images,
+            pretrained=pretrained,
+        )
+    except (ValueError, FileNotFoundError) as err:
+        checkpoints.close()
+        raise _startup_error(err, context) from err
     spec = step_config(config, model, dataset.image_shape, axis_name=parallel.axis_name)
     config_json = config_to_json(config)
     meta = {"image_shape": list(dataset.image_shape), "steps_per_epoch": steps_per_epoch,

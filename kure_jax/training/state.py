@@ -101,7 +101,8 @@ def create_train_state(
 
     Raises:
       ValueError: if ``qat`` needs ``sample_images`` and none are given, or
-        ``pretrained`` does not match the model's variable names and shapes.
+        ``pretrained`` does not match the model's variable names and shapes (the message
+        names the first differing leaf path and both shapes).
     """
     init_rng, state_rng = jax.random.split(rng)
     dummy = jnp.zeros((1, *input_shape), jnp.float32)
@@ -133,14 +134,36 @@ def create_train_state(
 
 
 def _matching(name: str, fresh: PyTree, given: PyTree) -> PyTree:
-    """``given`` as float arrays if it has ``fresh``'s structure and shapes, else ValueError."""
-    shapes = lambda tree: jax.tree.map(jnp.shape, tree)
-    if jax.tree.structure(fresh) != jax.tree.structure(given) or shapes(fresh) != shapes(given):
+    """``given`` as ``fresh``'s dtypes if it has ``fresh``'s leaf paths and shapes.
+
+    Raises:
+      ValueError: naming the first leaf path (sorted) that is missing, extra or of another
+        shape, with both shapes, and how many leaves differ.
+    """
+    want, have = _leaf_shapes(fresh), _leaf_shapes(given)
+    if want != have:
+        diff = sorted(set(want) ^ set(have)) or sorted(k for k in want if want[k] != have[k])
+        first = diff[0]
         raise ValueError(
-            f"pretrained {name!r} do not match the model: expected {shapes(fresh)}, got "
-            f"{shapes(given)}."
+            f"pretrained {name!r} do not match the model: {name}/{first} is "
+            f"{have.get(first, 'missing')} in the checkpoint, {want.get(first, 'absent')} in "
+            f"the model ({len(diff)} differing leaves)."
         )
-    return jax.tree.map(lambda f, g: jnp.asarray(g, f.dtype), fresh, given)
+    # By path, not by tree structure: a FrozenDict or another dict type of the same leaves fits.
+    leaves = {_key(path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(given)}
+    return jax.tree_util.tree_map_with_path(
+        lambda path, f: jnp.asarray(leaves[_key(path)], f.dtype), fresh
+    )
+
+
+def _key(path: tuple[Any, ...]) -> str:
+    return jax.tree_util.keystr(path, simple=True, separator="/")
+
+
+def _leaf_shapes(tree: PyTree) -> dict[str, tuple[int, ...]]:
+    """``{"a/b/kernel": shape}`` of every leaf (dict keys joined by ``/``)."""
+    leaves = jax.tree_util.tree_leaves_with_path(tree)
+    return {_key(path): tuple(jnp.shape(leaf)) for path, leaf in leaves}
 
 
 def state_to_tree(state: TrainState) -> dict[str, PyTree]:
