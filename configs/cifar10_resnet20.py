@@ -3,7 +3,10 @@
     python train.py --config configs/cifar10_resnet20.py --workdir runs/cifar10_resnet20
 
 Reads CIFAR-10 through TFDS (``--config.dataset_options.data_dir=DIR`` for a non-default
-TFDS directory); a missing dataset fails at start-up with the ``tfds build`` command to run.
+TFDS directory). Nothing is downloaded unless ``--config.dataset_options.download=True``: a
+dataset missing from ``data_dir`` fails at start-up, in seconds, with the ``tfds build`` command
+to run (on a machine with internet access) and where to put the result, instead of retrying a
+download for minutes on a machine without internet.
 """
 
 import ml_collections
@@ -16,6 +19,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     config.model = "resnet20"
     config.dataset = "cifar10"
     config.dataset_options.data_dir = ml_collections.config_dict.placeholder(str)
+    config.dataset_options.download = False  # True: let TFDS download CIFAR-10 into data_dir
     config.num_classes = 10
     config.batch_size = 128
     config.eval_batch_size = 1000

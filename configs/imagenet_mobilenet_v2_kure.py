@@ -1,10 +1,12 @@
-r"""The paper's MobileNet-V2 KURE recipe on ImageNet: batch 256, ~83 epochs, lr 1e-3 /10 per 30.
+r"""The paper's MobileNet-V2 KURE fine-tune: batch 256, ~83 epochs, lr 1e-3 /10 every 30.
 
+    python -m kure_jax.models.convert --arch mobilenet_v2 --weights mobilenet_v2.pth \
+        --out runs/tv_mobilenet_v2
     python train.py --config configs/imagenet_mobilenet_v2_kure.py \
-        --workdir runs/imagenet_mobilenet_v2_kure
+        --config.init_from=runs/tv_mobilenet_v2 --workdir runs/imagenet_mobilenet_v2_kure
 
-Otherwise as ``imagenet_resnet18_kure.py`` (same caveat: no torchvision-pretrained weights yet, so
-training starts from scratch; ImageNet comes from TFDS with a manual dir).
+From torchvision's pretrained MobileNet-V2 (``init_from`` required, see ``imagenet_base.py``);
+otherwise as ``imagenet_resnet18_kure.py``.
 """
 
 import ml_collections

@@ -1,13 +1,14 @@
-r"""The paper's ResNet-18 DoReFa W4A4 QAT recipe with KURE on ImageNet.
+r"""The paper's ResNet-18 DoReFa W4A4 QAT fine-tune with KURE on ImageNet.
 
+    python -m kure_jax.models.convert --arch resnet18 --weights resnet18.pth --out runs/tv_resnet18
     python train.py --config configs/imagenet_resnet18_dorefa_w4a4.py \
-        --workdir runs/imagenet_resnet18_dorefa_w4a4
+        --config.init_from=runs/tv_resnet18 --workdir runs/imagenet_resnet18_dorefa_w4a4
 
-lr 1e-4 divided by 10 at epochs 30, 60, 85 and 95 (as listed in the paper; training
-stops at 80), batch 256, 80 epochs, SGD momentum 0.9, weight decay 1e-4, K_T = 1.8,
-lambda = 1.0 on the float shadow weights; the stem conv and the classifier stay float.
-Same caveat as ``imagenet_resnet18_kure.py`` (same caveat: no torchvision-pretrained weights yet, so
-training starts from scratch; ImageNet comes from TFDS with a manual dir).
+From torchvision's pretrained ResNet-18 (``init_from`` required, see ``imagenet_base.py``;
+a float KURE run of ``imagenet_resnet18_kure.py`` works too): lr 1e-4 divided by 10 at
+epochs 30, 60, 85 and 95 (as listed in the paper; training stops at 80, so the last two never
+apply), batch 256, 80 epochs, SGD momentum 0.9, weight decay 1e-4, K_T = 1.8, lambda = 1.0 on
+the float shadow weights; the stem conv and the classifier stay float.
 """
 
 import ml_collections

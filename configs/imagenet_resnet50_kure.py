@@ -1,9 +1,11 @@
-"""The paper's ResNet-50 KURE recipe on ImageNet: batch 128, 50 epochs, lr 1e-3 /10 at 30.
+r"""The paper's ResNet-50 KURE fine-tune: batch 128, 50 epochs, lr 1e-3 /10 at epoch 30.
 
-    python train.py --config configs/imagenet_resnet50_kure.py --workdir runs/imagenet_resnet50_kure
+    python -m kure_jax.models.convert --arch resnet50 --weights resnet50.pth --out runs/tv_resnet50
+    python train.py --config configs/imagenet_resnet50_kure.py --config.init_from=runs/tv_resnet50 \
+        --workdir runs/imagenet_resnet50_kure
 
-Otherwise as ``imagenet_resnet18_kure.py`` (same caveat: no torchvision-pretrained weights yet, so
-training starts from scratch; ImageNet comes from TFDS with a manual dir).
+From torchvision's pretrained ResNet-50 (v1.5, the stride on the 3x3 conv; ``init_from``
+required, see ``imagenet_base.py``); otherwise as ``imagenet_resnet18_kure.py``.
 """
 
 import ml_collections

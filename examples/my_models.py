@@ -138,6 +138,7 @@ def main() -> None:
 
     variables = train(args.steps)
     out = pathlib.Path(args.out).absolute()
+    out.mkdir(parents=True, exist_ok=True)
     save_safetensors(variables, out / "my_params.safetensors")
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(out / "my_params", variables, force=True)

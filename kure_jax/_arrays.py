@@ -1,11 +1,17 @@
-"""Shape and value checks shared by the quantizers (:mod:`kure_jax.quant`) and the kernels."""
+"""Shape and value checks shared by the quantizers, the kernels and the checkpoint readers."""
 
 from __future__ import annotations
 
 import jax
 import numpy as np
 
-__all__ = ["check_broadcastable", "check_positive", "sum_to_shape"]
+__all__ = [
+    "check_broadcastable",
+    "check_positive",
+    "leaf_shapes",
+    "shape_mismatch",
+    "sum_to_shape",
+]
 
 
 def check_broadcastable(name: str, shape: tuple[int, ...], x_shape: tuple[int, ...]) -> None:
@@ -36,3 +42,25 @@ def sum_to_shape(t: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     t = t.sum(axis=tuple(range(t.ndim - len(shape))))
     axes = tuple(i for i, d in enumerate(shape) if d == 1 and t.shape[i] != 1)
     return t.sum(axis=axes, keepdims=True) if axes else t
+
+
+def leaf_shapes(tree: object) -> dict[str, tuple[int, ...]]:
+    """``{"a/b/kernel": shape}`` of every leaf of a pytree (keys joined by ``/``)."""
+    leaves = jax.tree_util.tree_leaves_with_path(tree)
+    return {
+        jax.tree_util.keystr(path, simple=True, separator="/"): tuple(np.shape(leaf))
+        for path, leaf in leaves
+    }
+
+
+def shape_mismatch(
+    want: dict[str, tuple[int, ...]], have: dict[str, tuple[int, ...]]
+) -> tuple[str, int] | None:
+    """``(first differing path, number of differing paths)`` of two :func:`leaf_shapes`, or None.
+
+    Paths missing on one side come first (sorted), then paths whose shapes differ.
+    """
+    if want == have:
+        return None
+    diff = sorted(set(want) ^ set(have)) or sorted(k for k in want if want[k] != have[k])
+    return diff[0], len(diff)

@@ -16,7 +16,6 @@ from flax import nnx
 
 from kure_jax.data import InMemoryDataset, load_mnist5k
 from kure_jax.evaluation import (
-    ModelError,
     SweepSpec,
     SweepTarget,
     evaluate_model,
@@ -176,7 +175,8 @@ def test_nnx_model_equals_linen(linen, variables, subset, tmp_path):
     model = my_models.make_nnx()
     _, state = nnx.split(model)
     nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, variables["params"]))
-    graphdef, state = nnx.split(nnx.merge(nnx.graphdef(model), state))
+    nnx.update(model, state)  # the Linen weights in the NNX module
+    graphdef, state = nnx.split(model)
     apply = lambda s, x: nnx.merge(graphdef, s)(x)  # the README's NNX recipe
     data = evaluate_model(apply, state, pairs(subset), SPEC, out=tmp_path, name="nnx",
                           progress=False)
@@ -332,7 +332,7 @@ ERRORS = {
     "leaf of another shape": (
         lambda t, v, p: ["--model", f"{EXAMPLE}:make", "--params", bad_params(v, t, _reshape_conv)],
         "leaf 'params/conv2/kernel' has shape (3, 3, 8, 12) in the params file, (3, 3, 8, 16) "
-        "in the model (2 mismatching leaves)"),
+        "in the model."),
     "missing leaf": (
         lambda t, v, p: ["--model", f"{EXAMPLE}:make",
                          "--params", bad_params(v, t, lambda f: f.pop("params/head/bias"))],
@@ -381,6 +381,3 @@ def test_cli_model_errors_are_one_line(case, eval_main, capsys, variables, param
     assert expected.format(tmp=tmp_path) in lines[0], lines[0]
     assert not (tmp_path / "out" / "results.json").exists()
 
-
-def test_model_error_is_a_value_error():
-    assert issubclass(ModelError, ValueError)  # eval.py's handler and callers rely on it

@@ -247,7 +247,8 @@ def test_step_schedule_needs_increasing_milestones():
 @pytest.mark.parametrize(
     "name", ["mnist5k_kure", "mnist5k_baseline", "mnist5k_qat_w4a4", "cifar10_resnet20",
              "imagenet_resnet18_kure", "imagenet_resnet50_kure", "imagenet_mobilenet_v2_kure",
-             "imagenet_resnet18_dorefa_w4a4", "imagenet_resnet18_lsq_w4a4"]
+             "imagenet_resnet18_dorefa_w4a4", "imagenet_resnet18_lsq_w4a4",
+             "mnist5k_anyprecision", "mnist5k_matryoshka", "mnist5k_matryoshka_kure"]
 )
 def test_shipped_configs_are_valid(name):
     config = load_config(name)

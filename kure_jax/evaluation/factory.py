@@ -349,13 +349,16 @@ def evaluate_factory(
     Raises:
       ModelError: for a factory that cannot be imported or called, params that do not fit,
         or images of the dataset that the model rejects.
-      ValueError: for an unknown dataset (from ``get_dataset``) or a selection that
-        matches no kernel.
+      ValueError: for a dataset that is unknown, not on disk or lacks its backend (from
+        ``get_dataset``), or a selection that matches no kernel.
     """
     from kure_jax.data import get_dataset
 
     factory = load_factory(ref)  # before the dataset: a typo fails fast
-    data = get_dataset(dataset)
+    try:
+        data = get_dataset(dataset)
+    except (FileNotFoundError, ImportError) as err:  # not on disk / backend not installed
+        raise ValueError(f"dataset {dataset}: {_first_line(err)}") from err
     try:
         obj = factory()
     except Exception as err:

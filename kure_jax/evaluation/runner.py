@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kure_jax import QATConfig, kurtosis_report
+from kure_jax._arrays import leaf_shapes, shape_mismatch
 from kure_jax.evaluation import plots, report
 from kure_jax.evaluation.forward import ApplyFn, check_apply
 from kure_jax.evaluation.spec import SweepSpec
@@ -86,19 +87,17 @@ def _check_fits(path: str, config: Any, model: Any, variables: dict, image_shape
         jax.ShapeDtypeStruct((1, *image_shape), jnp.float32),
     )
     for collection in ("params", "batch_stats"):
-        want = {jax.tree_util.keystr(k, simple=True, separator="/"): tuple(v.shape) for k, v in
-                jax.tree_util.tree_leaves_with_path(expected.get(collection, {}))}
-        have = {jax.tree_util.keystr(k, simple=True, separator="/"): tuple(np.shape(v)) for k, v
-                in jax.tree_util.tree_leaves_with_path(variables.get(collection, {}))}
-        if want == have:
+        want = leaf_shapes(expected.get(collection, {}))
+        have = leaf_shapes(variables.get(collection, {}))
+        mismatch = shape_mismatch(want, have)
+        if mismatch is None:
             continue
-        diff = sorted(set(want) ^ set(have)) or sorted(k for k in want if want[k] != have[k])
-        first = diff[0]
+        first, count = mismatch
         raise CheckpointError(
             f"checkpoint {path}: its {collection} do not match the model of its own config "
             f"({config.model} {config.model_options.to_dict()}): {collection}/{first} is "
             f"{have.get(first, 'missing')} in the checkpoint, {want.get(first, 'absent')} in the "
-            f"model ({len(diff)} mismatching entries)."
+            f"model ({count} mismatching entries)."
         )
 
 

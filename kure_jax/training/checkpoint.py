@@ -216,7 +216,10 @@ def restore_for_eval(
       ``(config, model, variables)``: the training config, the unbound Flax model
       (built for single-device use, no ``bn_axis_name``) and its variables
       ``{"params", "batch_stats"[, "quant"]}`` on the default device. With
-      ``config.qat.enabled`` apply them with :func:`kure_jax.quantized_apply`.
+      ``config.qat.enabled`` apply them with :func:`kure_jax.quantized_apply`. A multi-bit
+      run with ``config.qat.bn_per_bits`` has ``batch_stats`` keyed by width (``"w8"``, ...):
+      select one with :func:`kure_jax.training.multibit.batch_stats_at` and the width's
+      ``QATConfig`` with :func:`kure_jax.training.build.multibit_qat_configs`.
 
     Raises:
       ValueError: for an unknown ``which``.

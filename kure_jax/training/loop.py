@@ -20,6 +20,7 @@ from kure_jax.training.build import build_model, qat_config, step_config
 from kure_jax.training.checkpoint import Checkpoints, restore_for_eval
 from kure_jax.training.config import config_to_json, every_steps, total_steps, validate_config
 from kure_jax.training.metrics import MetricsWriter, Progress, format_metrics, mean_metrics
+from kure_jax.training.multibit import per_width_batch_stats
 from kure_jax.training.optim import make_optimizer, make_schedule
 from kure_jax.training.parallel import Parallel, make_parallel
 from kure_jax.training.state import TrainState, create_train_state, state_from_tree, state_to_tree
@@ -99,7 +100,8 @@ def _evaluate(
       batch_size: global eval batch size.
 
     Returns:
-      ``{"accuracy", "loss", "count"}`` over the unmasked examples.
+      ``{"accuracy", "loss", "count"}`` over the unmasked examples; for multi-bit QAT also
+      ``accuracy_w8``, ``loss_w8``, ... per width, and ``accuracy``/``loss`` are their means.
     """
     totals: dict[str, float] = {}
     for batch in dataset.eval_batches(
@@ -111,8 +113,15 @@ def _evaluate(
         for key, value in sums.items():
             totals[key] = totals.get(key, 0.0) + float(value)
     count = totals["count"]
-    return {"accuracy": totals["correct"] / count, "loss": totals["loss_sum"] / count,
-            "count": int(count)}
+    metrics = {"accuracy": totals["correct"] / count, "loss": totals["loss_sum"] / count,
+               "count": int(count)}
+    # Multi-bit QAT: each width's own numbers; "accuracy" (which picks the best checkpoint) is
+    # their mean.
+    for key, value in totals.items():
+        for name, out in (("correct_", "accuracy_"), ("loss_sum_", "loss_")):
+            if key.startswith(name):
+                metrics[out + key[len(name):]] = value / count
+    return metrics
 
 
 def _check_sizes(config: ml_collections.ConfigDict, dataset: Dataset, parallel: Parallel) -> None:
@@ -259,6 +268,9 @@ def train_and_evaluate(
         checkpoints.close()
         raise _startup_error(err, context) from err
     spec = step_config(config, model, dataset.image_shape, axis_name=parallel.axis_name)
+    if spec.bn_per_bits:  # switchable BatchNorm: every width starts from the same statistics
+        state = state.replace(
+            batch_stats=per_width_batch_stats(state.batch_stats, spec.qat_bits))
     config_json = config_to_json(config)
     meta = {"image_shape": list(dataset.image_shape), "steps_per_epoch": steps_per_epoch,
             "num_steps": num_steps}
@@ -331,8 +343,10 @@ def train_and_evaluate(
                 eval_metrics = run_eval()
                 writer.write("eval", step, eval_metrics)
                 kurt = list(eval_metrics["kurtosis"].values())
+                widths = "".join(f" {k} {v:.4f}" for k, v in eval_metrics.items()
+                                 if k.startswith("accuracy_"))  # multi-bit: each width's
                 progress.log(
-                    f"eval step {step}: accuracy {eval_metrics['accuracy']:.4f} loss "
+                    f"eval step {step}: accuracy {eval_metrics['accuracy']:.4f}{widths} loss "
                     f"{eval_metrics['loss']:.4f} | kurtosis mean {np.mean(kurt):.3f} "
                     f"max {np.max(kurt):.3f}"
                 )

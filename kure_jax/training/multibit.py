@@ -120,10 +120,12 @@ def per_width_batch_stats(batch_stats: PyTree, bits: Sequence[int]) -> dict[str,
       bits: the widths.
 
     Returns:
-      A dict keyed by :func:`width_key`; the arrays are shared, not copied (JAX arrays are
-      immutable, and a step returns new ones).
+      A dict keyed by :func:`width_key`, each width with its own copy of the arrays.
     """
-    return {width_key(b): batch_stats for b in bits}
+    # Separate buffers: the train step donates the state, and XLA must not free one buffer
+    # that stands in it twice (a shared array crashes the donated step).
+    return {width_key(b): jax.tree.map(lambda x: jnp.array(x, copy=True), batch_stats)
+            for b in bits}
 
 
 def batch_stats_at(batch_stats: PyTree, bits: int, *, per_bits: bool) -> PyTree:

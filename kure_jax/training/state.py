@@ -13,6 +13,7 @@ from flax import struct
 from jax.typing import ArrayLike
 
 from kure_jax import QATConfig, init_quant_from_params
+from kure_jax._arrays import leaf_shapes, shape_mismatch
 
 __all__ = ["TrainState", "create_train_state", "state_from_tree", "state_to_tree"]
 
@@ -26,7 +27,10 @@ class TrainState(struct.PyTreeNode):
       step: int32 scalar, number of optimizer steps taken.
       params: the ``"params"`` collection (float32 weights).
       batch_stats: the ``"batch_stats"`` collection (BatchNorm running statistics);
-        ``{}`` for models without BatchNorm.
+        ``{}`` for models without BatchNorm. With multi-bit QAT's per-width BatchNorm
+        (``StepConfig.bn_per_bits``) one collection per width, ``{"w8": ..., "w4": ...}``
+        (:mod:`kure_jax.training.multibit`); :attr:`variables` then does not fit
+        ``model.apply``: pick a width with ``multibit.batch_stats_at``.
       quant: the QAT ``"quant"`` collection (learned quantizer steps); ``{}`` without QAT.
       opt_state: optimizer state of ``tx`` over :attr:`trainable`.
       rng: a new-style ``jax.random.key``; step ``s`` uses ``fold_in(rng, s)``, so the
@@ -140,14 +144,14 @@ def _matching(name: str, fresh: PyTree, given: PyTree) -> PyTree:
       ValueError: naming the first leaf path (sorted) that is missing, extra or of another
         shape, with both shapes, and how many leaves differ.
     """
-    want, have = _leaf_shapes(fresh), _leaf_shapes(given)
-    if want != have:
-        diff = sorted(set(want) ^ set(have)) or sorted(k for k in want if want[k] != have[k])
-        first = diff[0]
+    want, have = leaf_shapes(fresh), leaf_shapes(given)
+    mismatch = shape_mismatch(want, have)
+    if mismatch is not None:
+        first, count = mismatch
         raise ValueError(
             f"pretrained {name!r} do not match the model: {name}/{first} is "
             f"{have.get(first, 'missing')} in the checkpoint, {want.get(first, 'absent')} in "
-            f"the model ({len(diff)} differing leaves)."
+            f"the model ({count} differing leaves)."
         )
     # By path, not by tree structure: a FrozenDict or another dict type of the same leaves fits.
     leaves = {_key(path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(given)}
@@ -158,12 +162,6 @@ def _matching(name: str, fresh: PyTree, given: PyTree) -> PyTree:
 
 def _key(path: tuple[Any, ...]) -> str:
     return jax.tree_util.keystr(path, simple=True, separator="/")
-
-
-def _leaf_shapes(tree: PyTree) -> dict[str, tuple[int, ...]]:
-    """``{"a/b/kernel": shape}`` of every leaf (dict keys joined by ``/``)."""
-    leaves = jax.tree_util.tree_leaves_with_path(tree)
-    return {_key(path): tuple(jnp.shape(leaf)) for path, leaf in leaves}
 
 
 def state_to_tree(state: TrainState) -> dict[str, PyTree]:
