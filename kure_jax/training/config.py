@@ -18,7 +18,7 @@ import ml_collections
 from kure_jax.kernels import IMPLS
 from kure_jax.kurtosis import REDUCTIONS
 from kure_jax.models import MODEL_NAMES
-from kure_jax.training.multibit import MULTIBIT_MODES
+from kure_jax.training.multibit import check_options
 
 __all__ = [
     "DTYPES",
@@ -117,15 +117,10 @@ def _check_multibit(config: ml_collections.ConfigDict) -> None:
     from kure_jax.training.build import multibit_qat_configs  # build imports the step
 
     qat = config.qat
-    _choice(qat.get("multibit", "sum"), MULTIBIT_MODES, "qat.multibit")
-    bn_per_bits = qat.get("bn_per_bits", False)
-    if not isinstance(bn_per_bits, bool):
-        raise ValueError(f"config.qat.bn_per_bits must be True or False; got {bn_per_bits!r}.")
     bits = qat.get("bits", None)
+    check_options(qat.get("multibit", "sum"), qat.get("bn_per_bits", False), bits is not None,
+                  prefix="config.qat.")
     if bits is None:
-        if bn_per_bits:
-            raise ValueError("config.qat.bn_per_bits keeps BatchNorm statistics per bit width: "
-                             "it needs config.qat.bits (e.g. (8, 4, 2)).")
         return
     if not qat.enabled:
         raise ValueError(f"config.qat.bits={bits!r} trains several bit widths, but "

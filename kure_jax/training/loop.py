@@ -13,9 +13,9 @@ import numpy as np
 from absl import logging
 
 from kure_jax import kurtosis_report
+from kure_jax._deprecation import deprecated_getattr
 from kure_jax._interrupts import interrupts_deferred
 from kure_jax.data import Dataset, get_dataset
-from kure_jax.training._deprecations import deprecated_getattr
 from kure_jax.training.build import build_model, qat_config, step_config
 from kure_jax.training.checkpoint import Checkpoints, restore_for_eval
 from kure_jax.training.config import config_to_json, every_steps, total_steps, validate_config

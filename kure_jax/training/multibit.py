@@ -33,6 +33,7 @@ __all__ = [
     "MULTIBIT_FIELDS",
     "MULTIBIT_MODES",
     "batch_stats_at",
+    "check_options",
     "per_width_batch_stats",
     "sample_width_index",
     "width_key",
@@ -48,6 +49,29 @@ MULTIBIT_MODES: tuple[str, ...] = ("sum", "sample")
 MULTIBIT_FIELDS: tuple[str, ...] = ("bits", "multibit", "bn_per_bits")
 # Folded into the step's key to draw the width: the dropout key of the step stays unchanged.
 _SAMPLE_SALT = 0x6D62  # "mb"
+
+
+def check_options(multibit: Any, bn_per_bits: Any, has_bits: bool, *, prefix: str = "") -> None:
+    """Checks the multi-bit options of a step or training config (one place for both).
+
+    Args:
+      multibit: a :data:`MULTIBIT_MODES` name.
+      bn_per_bits: whether BatchNorm statistics are kept per width (a bool).
+      has_bits: whether the bit widths (``qat_bits`` / ``config.qat.bits``) are set.
+      prefix: prepended to the field names in the messages, e.g. ``"config.qat."``.
+
+    Raises:
+      ValueError: naming the field, for an unknown mode, a non-bool ``bn_per_bits``, or
+        ``bn_per_bits`` without bit widths.
+    """
+    if multibit not in MULTIBIT_MODES:
+        raise ValueError(f"{prefix}multibit must be one of {MULTIBIT_MODES}; got {multibit!r}.")
+    if not isinstance(bn_per_bits, bool):
+        raise ValueError(f"{prefix}bn_per_bits must be True or False; got {bn_per_bits!r}.")
+    if bn_per_bits and not has_bits:
+        widths = f"{prefix}bits" if prefix else "qat_bits"
+        raise ValueError(f"{prefix}bn_per_bits keeps BatchNorm statistics per bit width: it "
+                         f"needs {widths} (e.g. (8, 4, 2)) too.")
 
 
 def width_key(bits: int) -> str:

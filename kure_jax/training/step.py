@@ -119,16 +119,8 @@ class StepConfig:
 
 
     def _check_multibit(self) -> None:
-        if self.multibit not in _multibit.MULTIBIT_MODES:
-            raise ValueError(
-                f"multibit must be one of {_multibit.MULTIBIT_MODES}; got {self.multibit!r}."
-            )
-        if not isinstance(self.bn_per_bits, bool):
-            raise ValueError(f"bn_per_bits must be True or False; got {self.bn_per_bits!r}.")
+        _multibit.check_options(self.multibit, self.bn_per_bits, self.qat_bits is not None)
         if self.qat_bits is None:
-            if self.bn_per_bits:
-                raise ValueError("bn_per_bits keeps BatchNorm statistics per width of "
-                                 "qat_bits: set qat_bits (e.g. (8, 4, 2)) too.")
             return
         if self.qat is None:
             raise ValueError(f"qat_bits={self.qat_bits!r} needs qat, the QATConfig template "
