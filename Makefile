@@ -1,6 +1,7 @@
 # Two entry points for a fresh machine with Python 3.11 (each creates .venv if missing):
 #   make demo   -- install, then run the main job (scripts/demo.py)
 #   make test   -- install, then run lint + the test suite
+#   make demo-runtimes -- the demo's models in LiteRT and ONNX Runtime (~10 min, after make demo)
 #   make test-torch -- the torchvision conversion tests in .venv-torch (torch + torchvision)
 PYTHON ?= python3
 VENV := .venv
@@ -8,7 +9,7 @@ BIN := $(VENV)/bin
 TORCH_VENV := .venv-torch
 TORCH_BIN := $(TORCH_VENV)/bin
 
-.PHONY: demo test test-torch lint install clean
+.PHONY: demo demo-runtimes test test-torch lint install clean
 
 $(BIN)/.installed: requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -38,6 +39,11 @@ test-torch: $(TORCH_BIN)/.installed
 
 demo: install
 	$(BIN)/python scripts/demo.py
+
+# The demo's two models (reused from runs/demo when `make demo` trained them) in LiteRT and
+# ONNX Runtime next to kure_jax's PTQ (configs/sweeps/runtimes.py; docs/results.md).
+demo-runtimes: install
+	$(BIN)/python scripts/demo.py --sweep configs/sweeps/runtimes.py --out runs/demo/eval_runtimes
 
 clean:
 	rm -rf $(VENV) $(TORCH_VENV) .pytest_cache .ruff_cache .hypothesis

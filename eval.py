@@ -16,8 +16,15 @@ registered dataset. Writes ``results.json`` (updated after every task, so Ctrl-C
 finished points), ``results.csv``, ``report.md`` and PNG plots into ``--out`` and prints the
 summary table.
 
-Exit codes: 0 done; 2 bad arguments, sweep file/key, checkpoint, model or params (one
-``error:`` line on stderr); 130 interrupted.
+The test batch is sharded over all devices (``--devices N``: the first N); ``--distributed``
+runs one process per host (TPU pod, GPU cluster), each reading its share of the test split,
+with process 0 writing the outputs. The points equal one device's to float32 rounding, and bit
+for bit with ``--micro_batch M`` (see kure_jax/evaluation/parallel.py). Each task's images/s
+is shown in the progress bar and recorded in ``results.json`` (``timings``).
+
+Exit codes: 0 done; 2 bad arguments, sweep file/key, checkpoint, model or params, or a missing
+package of a real runtime of ``runtimes.schemes`` (one ``error:`` line on stderr); 130
+interrupted.
 """
 
 import argparse
@@ -52,6 +59,26 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--which", choices=("best", "latest"), default="best",
                         help="checkpoint of a workdir to use (default: best eval accuracy)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parallel = parser.add_argument_group(
+        "data parallelism", "the test batch is sharded over all devices (of all processes "
+        "with --distributed); results equal one device's exactly")
+    parallel.add_argument("--devices", type=int, metavar="N",
+                          help="evaluate on the first N devices only (default: all)")
+    parallel.add_argument("--micro_batch", type=int, metavar="M",
+                          help="rows per model call on each device: with M set, the points "
+                               "are bit-identical on any device/process count (the eval batch "
+                               "is rounded up to a multiple of M x devices)")
+    parallel.add_argument("--distributed", action="store_true",
+                          help="multi-host run (TPU pod, GPU hosts): call "
+                               "jax.distributed.initialize() first; run the same command on "
+                               "every host, each reads its share of the test split")
+    parallel.add_argument("--coordinator_address", metavar="HOST:PORT",
+                          help="with --distributed outside a detected cluster: process 0's "
+                               "address")
+    parallel.add_argument("--num_processes", type=int,
+                          help="with --distributed and --coordinator_address")
+    parallel.add_argument("--process_id", type=int,
+                          help="with --distributed and --coordinator_address")
     return parser
 
 
@@ -89,12 +116,31 @@ def _argument_error(args: argparse.Namespace) -> str | None:
         return None
     if not args.checkpoint:
         return "give --checkpoint DIR (repeatable) or --model MODULE:FACTORY."
+    if args.devices is not None and (args.devices < 1 or args.distributed):
+        return ("--devices N (>= 1) picks devices of a single-process run; got "
+                f"{args.devices}{' with --distributed' * args.distributed}.")
+    if not args.distributed and any(v is not None for v in (
+            args.coordinator_address, args.num_processes, args.process_id)):
+        return "--coordinator_address, --num_processes and --process_id need --distributed."
     extra = [flag for flag, value in (("--params", args.params), ("--dataset", args.dataset),
                                       ("--name", args.name)) if value]
     if extra:
         return (f"{', '.join(extra)} go(es) with --model only (a checkpoint carries its own "
                 "weights and dataset).")
     return None
+
+
+def _devices(devices: list, count: int | None) -> list:
+    """The first ``count`` devices (all if ``None``).
+
+    Raises:
+      ValueError: if fewer are present.
+    """
+    if count is None:
+        return devices
+    if count > len(devices):
+        raise ValueError(f"--devices {count}: only {len(devices)} device(s) are present.")
+    return devices[:count]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -105,30 +151,41 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     # Orbax logs a warning per read-only restore through absl; keep stderr for real errors.
     logging.getLogger("absl").setLevel(logging.ERROR)
+    import jax
+
+    if args.distributed:
+        # CPU processes (tests, CPU clusters) need a collectives backend; GPU/TPU ignore this.
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(coordinator_address=args.coordinator_address,
+                                   num_processes=args.num_processes, process_id=args.process_id)
     from kure_jax._interrupts import sigint_is_ours
     from kure_jax.evaluation import (
         CheckpointError,
+        EvalMesh,
         evaluate_factory,
         load_sweep,
         run_sweep,
         summary_table,
     )
+    from kure_jax.evaluation.runtimes import RuntimePackageError
 
     interrupts = _Interrupts()
     previous = signal.getsignal(signal.SIGINT)
     if sigint_is_ours():
         signal.signal(signal.SIGINT, interrupts.handle)
+    chief = jax.process_index() == 0
     try:
         spec = load_sweep(args.sweep, args.set)
-        progress = False if args.no_progress else None
+        progress = False if args.no_progress or not chief else None
+        mesh = EvalMesh(_devices(jax.devices(), args.devices), micro_batch=args.micro_batch)
         if args.model:
             data = evaluate_factory(args.model, args.params, args.dataset, spec, out=args.out,
                                     name=args.name, progress=progress,
-                                    after_task=interrupts.check)
+                                    after_task=interrupts.check, mesh=mesh)
         else:
             data = run_sweep(args.checkpoint, spec, args.out, which=args.which,
-                             progress=progress, after_task=interrupts.check)
-    except (CheckpointError, ValueError) as err:  # ModelError is a ValueError
+                             progress=progress, after_task=interrupts.check, mesh=mesh)
+    except (CheckpointError, ValueError, RuntimePackageError) as err:  # ModelError: ValueError
         # The late "Event loop is closed" tracebacks of a failed restore are dropped by
         # restore_for_eval (kure_jax/training/_orbax_noise.py): this stays the one line.
         print(f"error: {err}", file=sys.stderr, flush=True)
@@ -140,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if signal.getsignal(signal.SIGINT) == interrupts.handle:
             signal.signal(signal.SIGINT, previous)
+    if not chief:
+        return 0  # process 0 prints and writes the report
     grouped = len({c["group"] for c in data["checkpoints"]}) < len(data["checkpoints"])
     print(summary_table(data, by_group=grouped))
     skipped = len(data.get("skipped", []))

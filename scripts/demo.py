@@ -2,6 +2,8 @@
 
     python scripts/demo.py                                    # 1 seed: 2-6 min on 2 CPU cores
     python scripts/demo.py --seeds 3 --qat --dorefa --ablation  # docs/results.md
+    python scripts/demo.py --sweep configs/sweeps/runtimes.py --out runs/demo/eval_runtimes
+                                                    # make demo-runtimes: LiteRT, ONNX Runtime
 
 Trains each recipe with ``kure_jax.training.train_and_evaluate`` into ``WORKDIR/<recipe>_s<seed>``
 (an existing finished run is reused: training resumes from its last checkpoint), runs the sweep
@@ -36,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from kure_jax.evaluation import load_sweep, run_sweep, summary_table
+from kure_jax.evaluation.runtime_report import runtimes_table
 from kure_jax.training import train_and_evaluate
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -153,6 +156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--configs", default=str(ROOT / "configs"),
                         help="directory of the configs (default: the repository's)")
     parser.add_argument("--sweep", default=None, help="sweep file (default: default.py)")
+    parser.add_argument("--out", default=None, help="sweep output (default: WORKDIR/eval)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     logging.getLogger("absl").setLevel(logging.ERROR)  # Orbax's per-checkpoint chatter
@@ -174,11 +178,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                   f"({time.perf_counter() - t0:.0f} s)", flush=True)
             checkpoints.append(f"{recipe}={workdir}")
     t0 = time.perf_counter()
-    data = run_sweep(checkpoints, spec, root / "eval",
-                     progress=False if args.no_progress else None)
+    out = pathlib.Path(args.out) if args.out else root / "eval"
+    data = run_sweep(checkpoints, spec, out, progress=False if args.no_progress else None)
     print(f"swept {len(checkpoints)} checkpoints, {len(data['points'])} points "
-          f"({time.perf_counter() - t0:.0f} s); report: {root / 'eval' / 'report.md'}\n")
+          f"({time.perf_counter() - t0:.0f} s); report: {out / 'report.md'}\n")
     print(summary_table(data, by_group=True))
+    runtimes = runtimes_table(data, by_group=True)
+    if runtimes is not None:  # configs/sweeps/runtimes.py (make demo-runtimes)
+        print("\nreal integer runtimes:\n" + runtimes)
     print()
     print(claims_markdown(data))
     kurt = {g: np.mean([np.mean(list(c["kurtosis"].values())) for c in data["checkpoints"]

@@ -19,15 +19,14 @@ import time
 
 import jax
 import numpy as np
-import optax
 import pytest
+from _training_helpers import train_small_cnn
 
 from kure_jax import QuantPolicy, quantize_params
 from kure_jax.data.mnist5k import load_mnist5k
 from kure_jax.deploy import linen_inference, litert, onnx_runtime
 from kure_jax.deploy.runtime import RuntimeResult, require
 from kure_jax.evaluation.calibration import activation_quantized, calibrate_activations
-from kure_jax.models.small import SmallCNN
 
 LAYERS = ("stem_conv", "conv1", "hidden", "head")
 ONE_POINT = 0.01
@@ -37,30 +36,7 @@ ONE_POINT = 0.01
 def trained():
     start = time.perf_counter()
     train, test = load_mnist5k("train"), load_mnist5k("test")
-    model = SmallCNN(num_classes=10, features=(8, 16), hidden=32)
-    variables = model.init(jax.random.key(0), train.images[:2])
-    tx = optax.adam(3e-3)
-    params, stats = variables["params"], variables["batch_stats"]
-    opt_state = tx.init(params)
-
-    @jax.jit
-    def step(params, stats, opt_state, images, labels):
-        def loss_fn(p):
-            logits, new = model.apply({"params": p, "batch_stats": stats}, images, train=True,
-                                      mutable=["batch_stats"])
-            loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-            return loss, new["batch_stats"]
-
-        (_, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), stats, opt_state
-
-    rng = np.random.default_rng(0)
-    for _ in range(400):
-        idx = rng.integers(0, len(train.labels), 64)
-        params, stats, opt_state = step(params, stats, opt_state, train.images[idx],
-                                        train.labels[idx])
-    variables = {"params": params, "batch_stats": stats}
+    model, variables = train_small_cnn(train, steps=400)
     fn = linen_inference(model, variables)
     logits = np.asarray(jax.jit(fn)(test.images))
     calib = train.images[:256]

@@ -137,7 +137,7 @@ def test_ctrl_c_swallowed_by_a_library_still_stops_the_sweep(monkeypatch, tmp_pa
     eval_main = runpy.run_path(str(ROOT / "eval.py"))["main"]
     tasks_run = []
 
-    def fake_run_sweep(checkpoints, spec, out_dir, *, which, progress, after_task):
+    def fake_run_sweep(checkpoints, spec, out_dir, *, which, progress, after_task, mesh):
         for task in range(5):
             tasks_run.append(task)
             if task == 1:

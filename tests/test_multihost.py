@@ -9,14 +9,13 @@ and multi-process Orbax checkpointing and resumption.
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import jax
 import numpy as np
 import pytest
-from _training_helpers import ROOT
+from _training_helpers import ROOT, free_port, run_processes
 
 from kure_jax.training import restore_for_eval
 
@@ -32,12 +31,6 @@ def _env(devices):
                XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
     env.pop("JAX_COORDINATOR_ADDRESS", None)
     return env
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -57,25 +50,14 @@ def runs(tmp_path_factory):
 
 def _two_processes(command, root):
     """Runs ``command --distributed`` as processes 0 and 1; returns their outputs."""
-    address = f"localhost:{_free_port()}"
+    address = f"localhost:{free_port()}"
     logs = [root / f"process_{i}.log" for i in range(2)]
-    procs = []  # Output to files, not pipes: a process blocked on a full pipe would stall the
-    # other one in its collectives.
-    for i, log in enumerate(logs):
-        with open(log, "w") as out:
-            procs.append(subprocess.Popen(
-                [*command, "--distributed", f"--coordinator_address={address}",
-                 "--num_processes=2", f"--process_id={i}"],
-                env=_env(2), cwd=ROOT, stdout=out, stderr=subprocess.STDOUT))
-    try:
-        for p in procs:
-            p.wait(timeout=TIMEOUT_S)
-    finally:
-        for p in procs:
-            p.kill()
+    codes = run_processes(
+        [[*command, "--distributed", f"--coordinator_address={address}", "--num_processes=2",
+          f"--process_id={i}"] for i in range(2)], logs, env=_env(2), timeout=TIMEOUT_S)
     outputs = [log.read_text() for log in logs]
-    for p, out in zip(procs, outputs, strict=True):
-        assert p.returncode == 0, out[-3000:]
+    for code, out in zip(codes, outputs, strict=True):
+        assert code == 0, out[-3000:]
     return outputs
 
 

@@ -62,7 +62,22 @@ def get_config() -> ml_collections.ConfigDict:
     config.qat.bits = (8, 6, 5, 4, 3, 2)
     config.qat.step_ratio = True
 
+    # One model at every width (off here; configs/sweeps/multibit.py turns it on): weight-only
+    # asymmetric min-max codes at each width, the float kernels re-quantised and the top bits
+    # of their nest_bits-bit codes (Matryoshka slicing); kure_jax/evaluation/nested_sweep.py.
+    config.nested = ml_collections.ConfigDict()
+    config.nested.bits = ()
+    config.nested.nest_bits = 8
+    config.nested.per_channel = True  # one range per output channel, as "matryoshka" QAT
+
     config.report = ml_collections.ConfigDict()
     config.report.histogram_layers = 3  # weight histograms of the first N quantised layers
     config.report.plots = True
+
+    # Real integer runtimes (off here; configs/sweeps/runtimes.py turns them on): names such as
+    # "litert/int8", "litert/16x8", "ort/int8_per_channel_minmax", "ort/int4_per_channel_minmax"
+    # (kure_jax/evaluation/runtime_schemes.py), calibrated on the weight_act images.
+    config.runtimes = ml_collections.ConfigDict()
+    config.runtimes.schemes = ()
+    config.runtimes.litert_batch_size = 100  # LiteRT models have a fixed batch size
     return config

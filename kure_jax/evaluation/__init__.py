@@ -3,6 +3,8 @@
 * :mod:`~kure_jax.evaluation.spec`: :class:`SweepSpec`, the validated sweep config.
 * :mod:`~kure_jax.evaluation.forward`: quantised forward passes and their test accuracy;
   mapped (``lax.map``/``vmap``) sweeps over step ratios or PRNG keys in one program.
+* :mod:`~kure_jax.evaluation.parallel`: :class:`EvalMesh`, the test batch sharded over all
+  devices and processes, with results equal to one device's.
 * :mod:`~kure_jax.evaluation.calibration`: static activation ranges from training images.
 * :mod:`~kure_jax.evaluation.sweep`: the tasks and points of one model's sweep.
 * :mod:`~kure_jax.evaluation.report` / :mod:`~kure_jax.evaluation.plots`: results.json,
@@ -32,6 +34,7 @@ from kure_jax.evaluation.forward import evaluate_mapped as evaluate_mapped
 from kure_jax.evaluation.forward import make_eval_step as make_eval_step
 from kure_jax.evaluation.forward import mapped_eval_step as mapped_eval_step
 from kure_jax.evaluation.forward import ptq_transform as ptq_transform
+from kure_jax.evaluation.parallel import EvalMesh as EvalMesh
 from kure_jax.evaluation.report import SCHEMA_VERSION as SCHEMA_VERSION
 from kure_jax.evaluation.report import markdown_report as markdown_report
 from kure_jax.evaluation.report import summary_table as summary_table
@@ -51,6 +54,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "ActivationCalibration",
     "CheckpointError",
+    "EvalMesh",
     "Metrics",
     "ModelError",
     "SweepSpec",

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kure_jax import QuantPolicy, compute_step, fake_quant
+from kure_jax.evaluation.parallel import EvalMesh
 from kure_jax.qat.linen import layer_interceptor
 
 __all__ = [
@@ -145,6 +146,7 @@ def calibrate_activations(
     bits: Sequence[int],
     clip: str = "max",
     percentile: float = 99.99,
+    mesh: EvalMesh | None = None,
 ) -> dict[int, ActivationCalibration]:
     """Per-layer static input steps from calibration images, for each activation bit width.
 
@@ -158,6 +160,10 @@ def calibrate_activations(
       bits: activation bit widths to calibrate.
       clip: a ``kure_jax.CLIP_METHODS`` name for the range of each layer's inputs.
       percentile: for ``clip="percentile"``.
+      mesh: run the calibration forward passes with each batch sharded over its devices
+        (``variables`` replicated on them; in calls of ``mesh.micro_batch`` rows if set);
+        the recorded layer inputs are gathered and the steps computed on them as on one
+        device.
 
     Returns:
       bits -> :class:`ActivationCalibration`.
@@ -166,27 +172,43 @@ def calibrate_activations(
       ValueError: for no calibration images, a layer that is never called, or an invalid
         ``clip`` / ``bits`` (from ``QuantPolicy``).
     """
-    batches = [jnp.asarray(b) for b in image_batches]
+    batches = [np.asarray(b) for b in image_batches]
     if not batches or not any(b.shape[0] for b in batches):
         raise ValueError("calibrate_activations needs at least one calibration image.")
     layers = tuple(layers)
-    collect = jax.jit(lambda v, x: layer_inputs(apply_fn, v, x, layers))
+    record = lambda v, x: layer_inputs(apply_fn, v, x, layers)
+    if mesh is None:
+        inputs_of = jax.jit(record)
+    else:
+        # Each device records its rows' layer inputs; the steps are then computed on the
+        # gathered inputs, as on one device.
+        gather = mesh.per_device(mesh.micro_batched(record), replicated=1, batched=1)
+
+        def inputs_of(v: PyTree, images: np.ndarray) -> dict[str, jax.Array]:
+            placed, rows = mesh.shard_rows(images)
+            inputs = gather(v, placed)
+            if placed.shape[0] == rows:
+                return inputs
+            return mesh.jit(lambda t: {name: x[:rows] for name, x in t.items()})(inputs)
+
+    compile_ = jax.jit if mesh is None else mesh.jit
+    minimum = compile_(lambda inputs: {name: jnp.min(x) for name, x in inputs.items()})
+    recorded = [inputs_of(variables, images) for images in batches]
     minima = {name: np.inf for name in layers}
-    for images in batches:
-        for name, x in collect(variables, images).items():
-            minima[name] = min(minima[name], float(jnp.min(x)))
+    for inputs in recorded:
+        for name, value in minimum(inputs).items():
+            minima[name] = min(minima[name], float(value))
     signed = {name: bool(value < 0) for name, value in minima.items()}
     policies = {
         (b, name): QuantPolicy(bits=b, signed=signed[name], clip=clip, percentile=percentile)
         for b in bits for name in layers
     }
 
-    @jax.jit
-    def batch_steps(v: PyTree, images: jax.Array) -> dict[tuple[int, str], jax.Array]:
-        inputs = layer_inputs(apply_fn, v, images, layers)
+    @compile_
+    def batch_steps(inputs: dict[str, jax.Array]) -> dict[tuple[int, str], jax.Array]:
         return {k: compute_step(inputs[k[1]], p)[0] for k, p in policies.items()}
 
-    per_batch = [batch_steps(variables, images) for images in batches]
+    per_batch = [batch_steps(inputs) for inputs in recorded]
     combine = jnp.max if clip == "max" else jnp.mean
     return {
         b: ActivationCalibration(

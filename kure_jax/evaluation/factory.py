@@ -53,9 +53,10 @@ import numpy as np
 from flax import nnx
 
 from kure_jax.evaluation.forward import ApplyFn, check_apply, inference_kwargs
+from kure_jax.evaluation.parallel import EvalMesh
 from kure_jax.evaluation.runner import AfterTask, evaluate_model
 from kure_jax.evaluation.spec import SweepSpec
-from kure_jax.evaluation.sweep import calibration_images
+from kure_jax.evaluation.sweep import calibration_images, test_batches
 
 __all__ = [
     "ModelError",
@@ -326,6 +327,7 @@ def evaluate_factory(
     name: str | None = None,
     progress: bool | None = None,
     after_task: AfterTask | None = None,
+    mesh: EvalMesh | None = None,
 ) -> dict[str, Any]:
     """``eval.py --model REF --params PATH --dataset NAME``: the robustness report of a user's
     model on a registered dataset, via :func:`~kure_jax.evaluation.evaluate_model`.
@@ -341,7 +343,9 @@ def evaluate_factory(
       spec: the sweep.
       out: output directory.
       name: the model's label (default: ``MODULE:FACTORY`` with the module's last part).
-      progress, after_task: as in :func:`~kure_jax.evaluation.evaluate_model`.
+      progress, after_task, mesh: as in :func:`~kure_jax.evaluation.evaluate_model` (with
+        ``mesh``, the batch is ``spec.eval_batch_size`` rounded up to a multiple of its
+        device count, each process reading its share).
 
     Returns:
       The results dict, as written to ``results.json``.
@@ -374,12 +378,13 @@ def evaluate_factory(
     short = (pathlib.Path(module_part).stem if module_part.endswith(".py")
              else module_part.rpartition(".")[2])
     label = name or f"{short}:{attr}"
+    batch_size = spec.eval_batch_size if mesh is None else mesh.global_batch_size(
+        spec.eval_batch_size)
     return evaluate_model(
-        model.apply_fn, params,
-        lambda: data.eval_batches(global_batch_size=spec.eval_batch_size), spec,
+        model.apply_fn, params, test_batches(data, batch_size, mesh), spec,
         out=out, name=label, progress=progress, module=model.module,
         calibration=(lambda: calibration_images(data, spec)) if model.module else None,
         metadata={"path": str(pathlib.Path(params_path).absolute()), "model": ref,
                   "model_kind": model.kind, "dataset": dataset,
                   "num_test_images": int(data.num_eval_examples)},
-        after_task=after_task)
+        after_task=after_task, mesh=mesh)

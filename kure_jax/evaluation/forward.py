@@ -1,9 +1,11 @@
 """Evaluation building blocks: quantised forward passes and their accuracy over a test split.
 
-Every evaluation here reduces a batch to three float32 sums, ``[correct, loss_sum, count]``
-over the unmasked rows (the last eval batch is padded with ``mask == 0``), and adds them up
-over the batches in float64 on the host: the accuracy is then exactly the one
-``kure_jax.training.train_and_evaluate`` reports.
+Every evaluation step here returns one float32 row ``[correct, loss, mask]`` per example
+(zeros on the padding of the last batch, ``mask == 0``), and the host adds the rows up in
+float64, sequentially in the order of the examples: the accuracy is exactly the one
+``kure_jax.training.train_and_evaluate`` reports, and accuracy and loss do not depend on how
+many devices or processes shared the batch (see :mod:`kure_jax.evaluation.parallel`: pass an
+``EvalMesh`` as ``mesh`` to shard the batch over its devices).
 
 Continuous sweeps (step ratios, stochastic-rounding keys) are *mapped*: one ``jax.jit``-compiled
 function evaluates all points on a batch with ``jax.lax.map(..., batch_size=chunk)``, so a
@@ -28,10 +30,12 @@ import numpy as np
 import optax
 
 from kure_jax import QATConfig, QuantPolicy, quantize_params, quantized_apply
+from kure_jax.evaluation.parallel import EvalMesh
 from kure_jax.selection import LeafPredicate
 
 __all__ = [
     "Metrics",
+    "batch_rows",
     "batch_sums",
     "check_apply",
     "classifier_apply",
@@ -126,8 +130,8 @@ def check_apply(
     return shape
 
 
-def batch_sums(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.Array:
-    """``[correct, loss_sum, count]`` over the rows with ``mask == 1``.
+def batch_rows(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.Array:
+    """``[correct, loss, mask]`` of every example, zeros where ``mask == 0``.
 
     Args:
       logits: float ``(B, C)``.
@@ -135,13 +139,21 @@ def batch_sums(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.Arr
       mask: float ``(B,)`` of 0/1.
 
     Returns:
-      float32 ``(3,)``.
+      float32 ``(B, 3)``: 1.0 if the argmax is the label, the softmax cross-entropy, the mask
+      (a padding row is all zeros, even if its loss is not finite).
     """
     logits = logits.astype(jnp.float32)
-    mask = mask.astype(jnp.float32)
+    valid = mask.astype(jnp.float32) > 0
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
     correct = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
-    return jnp.stack([jnp.sum(correct * mask), jnp.sum(ce * mask), jnp.sum(mask)])
+    rows = jnp.stack([correct, ce, jnp.ones_like(ce)], axis=-1)
+    return jnp.where(valid[:, None], rows, 0.0)
+
+
+def batch_sums(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.Array:
+    """``[correct, loss_sum, count]`` over the rows with ``mask == 1`` (float32 ``(3,)``;
+    shapes as :func:`batch_rows`)."""
+    return jnp.sum(batch_rows(logits, labels, mask), axis=0)
 
 
 def metrics_from_sums(sums: np.ndarray) -> Metrics:
@@ -152,35 +164,62 @@ def metrics_from_sums(sums: np.ndarray) -> Metrics:
     return Metrics(accuracy=correct / count, loss=loss_sum / count, count=round(count))
 
 
-def _run(step: Callable[..., jax.Array], args: tuple, batches: Iterable[Batch]) -> np.ndarray:
+def _run(step: Callable[..., jax.Array], args: tuple, batches: Iterable[Batch],
+         mesh: EvalMesh | None) -> np.ndarray:
+    """Sums the ``(..., B, 3)`` rows of ``step`` over ``batches``: float64 ``(..., 3)``.
+
+    The rows are added one after another in example order (``np.cumsum`` is sequential), so
+    the total does not depend on the batch boundaries, the padding or the device count.
+    """
     total = None
     for batch in batches:
-        sums = np.asarray(step(*args, batch["image"], batch["label"], batch["mask"]), np.float64)
-        total = sums if total is None else total + sums
+        placed = batch if mesh is None else mesh.place_batch(batch)
+        rows = np.asarray(step(*args, placed["image"], placed["label"], placed["mask"]),
+                          np.float64)
+        if total is not None:
+            rows = np.concatenate([total[..., None, :], rows], axis=-2)
+        total = np.cumsum(rows, axis=-2)[..., -1, :]
     if total is None:
         raise ValueError("the evaluation split yielded no batch.")
     return total
 
 
-def make_eval_step(apply_fn: ApplyFn) -> Callable[..., jax.Array]:
-    """``jit(step(variables, images, labels, mask) -> [correct, loss_sum, count])``.
+def make_eval_step(apply_fn: ApplyFn, *, mesh: EvalMesh | None = None) -> Callable[..., jax.Array]:
+    """``jit(step(variables, images, labels, mask) -> rows)``: the ``(B, 3)`` rows of
+    :func:`batch_rows`.
 
     Build it once per model and reuse it: new ``variables`` values (e.g. other quantised
     weights) of the same shapes run the same compiled program.
+
+    Args:
+      apply_fn: ``(variables, images) -> logits``.
+      mesh: with an :class:`~kure_jax.evaluation.parallel.EvalMesh`, every device runs
+        ``apply_fn`` on its rows (in calls of ``mesh.micro_batch`` rows, if set) and the rows
+        come back replicated: every process reads the whole global batch's rows.
     """
-    return jax.jit(lambda variables, images, labels, mask: batch_sums(
-        apply_fn(variables, images), labels, mask))
+    if mesh is None:
+        return jax.jit(lambda variables, images, labels, mask: batch_rows(
+            apply_fn(variables, images), labels, mask))
+    local_apply = mesh.micro_batched(apply_fn)
+    return mesh.per_device(lambda variables, images, labels, mask: batch_rows(
+        local_apply(variables, images), labels, mask), replicated=1, batched=3)
 
 
 def evaluate(
-    step: Callable[..., jax.Array], variables: PyTree, batches: Iterable[Batch]
+    step: Callable[..., jax.Array],
+    variables: PyTree,
+    batches: Iterable[Batch],
+    *,
+    mesh: EvalMesh | None = None,
 ) -> Metrics:
     """Accuracy and loss of a step from :func:`make_eval_step` over ``batches``.
 
     Args:
-      step: ``step(variables, images, labels, mask) -> (3,)`` sums.
-      variables: the model variables.
-      batches: dicts with ``image`` (B, H, W, C), ``label`` (B,) int and ``mask`` (B,).
+      step: ``step(variables, images, labels, mask) -> (B, 3)`` rows.
+      variables: the model variables (replicated on ``mesh``'s devices when it is given).
+      batches: dicts with ``image`` (B, H, W, C), ``label`` (B,) int and ``mask`` (B,);
+        with ``mesh``, this process's share of each global batch.
+      mesh: shard each batch over its devices (:meth:`EvalMesh.place_batch`).
 
     Returns:
       :class:`Metrics` over the unmasked rows.
@@ -188,7 +227,7 @@ def evaluate(
     Raises:
       ValueError: if ``batches`` is empty or fully masked.
     """
-    return metrics_from_sums(_run(step, (variables,), batches))
+    return metrics_from_sums(_run(step, (variables,), batches, mesh))
 
 
 def mapped_eval_step(
@@ -196,18 +235,20 @@ def mapped_eval_step(
     transform: Callable[[PyTree, jax.Array], PyTree],
     *,
     chunk: int = 1,
+    mesh: EvalMesh | None = None,
 ) -> Callable[..., jax.Array]:
     """A jitted step that evaluates many variants of the variables in one program.
 
-    ``step(variables, xs, images, labels, mask)`` returns float32 ``(P, 3)`` sums, row ``p``
-    for ``apply_fn(transform(variables, xs[p]), images)``; ``xs`` has a leading axis ``P``
-    (e.g. step ratios, or typed PRNG keys).
+    ``step(variables, xs, images, labels, mask)`` returns float32 ``(P, B, 3)`` rows, ``[p]``
+    those of ``apply_fn(transform(variables, xs[p]), images)``; ``xs`` has a leading axis
+    ``P`` (e.g. step ratios, or typed PRNG keys).
 
     Args:
       apply_fn: ``(variables, images) -> logits``.
       transform: ``(variables, x) -> variables``, e.g. weight PTQ at step ratio ``x``.
       chunk: points evaluated together by ``vmap`` inside the compiled ``lax.map`` loop
         (``1``: a compiled loop, one point at a time).
+      mesh: as in :func:`make_eval_step`.
 
     Raises:
       ValueError: if ``chunk < 1``.
@@ -215,13 +256,17 @@ def mapped_eval_step(
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1; got {chunk}.")
 
+    local_apply = apply_fn if mesh is None else mesh.micro_batched(apply_fn)
+
     def step(variables, xs, images, labels, mask):
         def point(x):
-            return batch_sums(apply_fn(transform(variables, x), images), labels, mask)
+            return batch_rows(local_apply(transform(variables, x), images), labels, mask)
 
         return jax.lax.map(point, xs, batch_size=chunk)
 
-    return jax.jit(step)
+    if mesh is None:
+        return jax.jit(step)
+    return mesh.per_device(step, replicated=2, batched=3, batch_axis=1)
 
 
 def ptq_transform(
@@ -263,11 +308,14 @@ def evaluate_mapped(
     variables: PyTree,
     xs: jax.Array,
     batches: Iterable[Batch],
+    *,
+    mesh: EvalMesh | None = None,
 ) -> list[Metrics]:
-    """Runs a mapped step (see :func:`mapped_eval_step`) over ``batches``.
+    """Runs a mapped step (see :func:`mapped_eval_step`) over ``batches`` (``mesh`` as in
+    :func:`evaluate`).
 
     Returns:
       One :class:`Metrics` per entry of ``xs``, in order.
     """
-    total = _run(step, (variables, xs), batches)
+    total = _run(step, (variables, xs), batches, mesh)
     return [metrics_from_sums(row) for row in total]

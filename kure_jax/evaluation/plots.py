@@ -18,6 +18,7 @@ from kure_jax.evaluation.report import accuracy_table
 __all__ = [
     "plot_accuracy_vs_bits",
     "plot_kurtosis",
+    "plot_nested_bits",
     "plot_qat_bits",
     "plot_step_ratio",
     "plot_weight_histograms",
@@ -126,6 +127,37 @@ def plot_qat_bits(data: Mapping[str, Any], path: pathlib.Path) -> pathlib.Path |
     return _save(fig, path)
 
 
+def plot_nested_bits(data: Mapping[str, Any], path: pathlib.Path) -> pathlib.Path | None:
+    """The ``nested`` section: accuracy vs weight bits, one colour per model: re-quantised
+    (solid), sliced from the int8 codes (dashed), and the trained widths of QAT checkpoints
+    as trained (crosses)."""
+    by_group = _grouped(data)
+    curves = {kind: accuracy_table(data, by_group=by_group, kind=kind)
+              for kind in ("nested_requant", "nested_slice", "qat")}
+    names = list(dict.fromkeys([*curves["nested_requant"], *curves["nested_slice"]]))
+    if not names:
+        return None
+    fig, (ax,) = _grid(1, size=(6.0, 3.8))
+    for i, name in enumerate(names):
+        for kind, style, label in (("nested_requant", "o-", "re-quantised"),
+                                   ("nested_slice", "s--", "int8 sliced"),
+                                   ("qat", "x", "as trained")):
+            pts = sorted((k[1], v) for k, v in curves[kind].get(name, {}).items()
+                         if k[1] is not None)
+            if pts:
+                ax.plot([b for b, _ in pts], [100 * v for _, v in pts], style, color=f"C{i}",
+                        ms=6 if kind == "qat" else 3, mew=1.5, lw=1.2,
+                        label=f"{name}, {label}")
+    bits = sorted({k[1] for kind in ("nested_requant", "nested_slice")
+                   for t in curves[kind].values() for k in t})
+    ax.set_xticks(bits)
+    ax.set_xlabel("weight bits (min-max per channel, activations float)")
+    ax.set_ylabel("accuracy %")
+    ax.set_ylim(0, 100)
+    ax.legend(fontsize=6, ncol=2)
+    return _save(fig, path)
+
+
 def plot_kurtosis(data: Mapping[str, Any], path: pathlib.Path) -> pathlib.Path | None:
     """Per-layer weight kurtosis of each checkpoint (of each group's mean when groups hold
     several checkpoints), with the uniform (1.8) and normal (3) values marked."""
@@ -209,6 +241,7 @@ def write_plots(
         plot_accuracy_vs_bits(data, out / "accuracy_vs_bits.png"),
         plot_step_ratio(data, out / "accuracy_vs_step_ratio.png"),
         plot_qat_bits(data, out / "qat_bits.png"),
+        plot_nested_bits(data, out / "nested_bits.png"),
         plot_kurtosis(data, out / "kurtosis.png"),
         plot_weight_histograms(weights or {}, out / "weight_histograms.png"),
     ]

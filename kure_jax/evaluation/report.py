@@ -9,10 +9,20 @@ markdown tables of ``report.md``.
      "points": [{"checkpoint", "group", "kind", "quantizer", "weight_bits", "act_bits",
                  "step_ratio", "seed", "policy", "act_policy", "accuracy", "loss", "count"}],
      "skipped": [{"checkpoint", "group", "kind", "quantizer", "weight_bits", "act_bits",
-                  "reason"}]}
+                  "reason"}],
+     "devices": int,
+     "timings": [{"checkpoint", "kind", "quantizer", "points", "seconds",
+                  "images_per_second"}]}
+
+``devices`` is the evaluation's device count (all processes) and ``timings`` the wall time of
+each task, compilation included (``images_per_second`` = test images x points / seconds);
+files written before them lack both.
 
 ``skipped`` lists the planned points a model cannot run (W/A PTQ of a model given only as an
 ``apply_fn``), with the reason; files written before it existed lack it (read as empty).
+A record with ``"status": "failed"`` (``FAILED``) is a point that ran but that the toolchain
+refused (a real-runtime conversion, see :mod:`kure_jax.evaluation.runtimes`); the reason is
+its one-line error. Records without ``status`` are skipped.
 It is rewritten atomically (temporary file + rename) after every finished task, so an
 interrupted sweep leaves a valid file holding the points finished so far and
 ``"complete": false``.
@@ -30,6 +40,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+
+from kure_jax.evaluation.runtime_report import FAILED, runtimes_section
 
 __all__ = [
     "POINT_FIELDS",
@@ -68,14 +80,19 @@ class ResultsWriter:
       out_dir: output directory (created if missing).
       sweep: the sweep config as a JSON-ready dict.
       checkpoints: one JSON-ready dict per checkpoint.
+      write: ``False`` keeps the data in memory only (the other processes of a
+        multi-process sweep: process 0 writes).
+      devices: the evaluation's device count, recorded as ``"devices"``.
     """
 
     def __init__(
         self, out_dir: str | pathlib.Path, *, sweep: Mapping[str, Any],
-        checkpoints: Sequence[Mapping[str, Any]],
+        checkpoints: Sequence[Mapping[str, Any]], write: bool = True, devices: int = 1,
     ) -> None:
         self.path = pathlib.Path(out_dir) / "results.json"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._enabled = write
+        if write:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
         self.data: dict[str, Any] = {
             "schema_version": SCHEMA_VERSION,
             "complete": False,
@@ -84,6 +101,8 @@ class ResultsWriter:
             "checkpoints": [dict(c) for c in checkpoints],
             "points": [],
             "skipped": [],
+            "devices": int(devices),
+            "timings": [],
         }
         self._write()
 
@@ -98,12 +117,19 @@ class ResultsWriter:
         self.data["points"].extend(dict(p) for p in points)
         self._write()
 
+    def time(self, record: Mapping[str, Any]) -> None:
+        """Appends the timing of a finished task (``checkpoint``, ``kind``, ``quantizer``,
+        ``points``, ``seconds``, ``images_per_second``); written with the next points."""
+        self.data["timings"].append(dict(record))
+
     def finish(self) -> None:
         """Marks the sweep complete."""
         self.data["complete"] = True
         self._write()
 
     def _write(self) -> None:
+        if not self._enabled:
+            return
         _write_atomic(self.path, json.dumps(self.data, indent=1, allow_nan=False) + "\n")
 
 
@@ -145,6 +171,9 @@ def validate_results(data: Mapping[str, Any]) -> None:
                              f"{record['checkpoint']!r}.")
         if not isinstance(record["reason"], str) or not record["reason"]:
             raise ValueError(f"skipped entry {index} has no reason: {record}.")
+        if record.get("status", "skipped") not in ("skipped", FAILED):
+            raise ValueError(f"skipped entry {index} has status {record['status']!r}, expected "
+                             f"'skipped' or {FAILED!r}.")
 
 
 def _flat(point: Point) -> dict[str, Any]:
@@ -340,15 +369,50 @@ def _section_tables(data: Mapping[str, Any], by_group: bool) -> list[str]:
         for name, _ in rows:
             if name not in qat:
                 continue
-            trained = next(iter(qat[name].items()))
-            cells = [name, f"{trained[0][0]}: {_pct(trained[1])}"]
+            # One point, or one per trained width of a multi-bit QAT checkpoint.
+            cells = [name, "; ".join(f"{k[0]}: {_pct(v)}" for k, v in qat[name].items())]
             cells += [_pct(next((v for k, v in qbits.get(name, {}).items() if k[1] == b), None))
                       for b in bits]
             body.append(cells)
         out.append("### QAT checkpoints re-quantised at other weight bit widths "
                    "(own quantizer, activations as trained)\n\n"
                    + _markdown(["model", "as trained", *(f"W{b}" for b in bits)], body))
+    out.extend(_nested_table(data, by_group))
     return out
+
+
+def _nested_table(data: Mapping[str, Any], by_group: bool) -> list[str]:
+    """The ``nested`` section's table (empty list without its points): per model and width,
+    re-quantised / sliced / own QAT quantizer."""
+    tables = {kind: accuracy_table(data, by_group=by_group, kind=kind)
+              for kind in ("nested_requant", "nested_slice", "qat", "qat_bits")}
+    bits = sorted({k[1] for kind in ("nested_requant", "nested_slice")
+                   for t in tables[kind].values() for k in t}, reverse=True)
+    if not bits:
+        return []
+
+    def at(kind: str, name: str, b: int) -> float | None:
+        return next((v for k, v in tables[kind].get(name, {}).items() if k[1] == b), None)
+
+    body = []
+    for name, _ in _rows(data, by_group):
+        if name not in tables["nested_requant"] and name not in tables["nested_slice"]:
+            continue
+        cells = [name]
+        for b in bits:
+            own = at("qat", name, b)
+            own = at("qat_bits", name, b) if own is None else own
+            cells.append(" / ".join(_pct(v) for v in (at("nested_requant", name, b),
+                                                       at("nested_slice", name, b), own)))
+        body.append(cells)
+    c = next((p["policy"]["nest_bits"] for p in data["points"]
+              if p["kind"] == "nested_slice" and p.get("policy")), None)
+    return [f"### One model at every width: re-quantised / sliced from int{c} codes / own QAT "
+            "quantizer\n\n"
+            f"Weight-only min-max codes (activations float): the float kernels re-quantised at "
+            f"each width, then the top bits of their int{c} codes; third, a QAT checkpoint's own "
+            "quantizers at that width (a trained width as trained, others re-quantised).\n\n"
+            + _markdown(["model", *(f"W{b}" for b in bits)], body)]
 
 
 def markdown_report(data: Mapping[str, Any], *, plots: Sequence[str] = ()) -> str:
@@ -377,6 +441,7 @@ def markdown_report(data: Mapping[str, Any], *, plots: Sequence[str] = ()) -> st
     parts += ["## Tables", ""]
     for table in _section_tables(data, grouped):
         parts += [table, ""]
+    parts += runtimes_section(data, by_group=grouped)
     parts += ["## Weight kurtosis of the quantised layers", ""]
     layers = list(dict.fromkeys(k for c in data["checkpoints"] for k in c["kurtosis"]))
     parts += [_markdown(["checkpoint", *layers, "mean"], [
@@ -384,7 +449,15 @@ def markdown_report(data: Mapping[str, Any], *, plots: Sequence[str] = ()) -> st
                        for layer in layers),
          f"{np.mean(list(c['kurtosis'].values())):.2f}" if c["kurtosis"] else "–"]
         for c in data["checkpoints"]]), ""]
-    skipped = data.get("skipped", [])
+    records = data.get("skipped", [])
+    skipped = [r for r in records if r.get("status") != FAILED]
+    failed = [r for r in records if r.get("status") == FAILED]
+    if failed:
+        parts += ["## Failed points", "",
+                  f"{len(failed)} point(s) ran but the toolchain refused them:", "",
+                  _markdown(["checkpoint", "kind", "quantizer", "reason"],
+                            [[r["checkpoint"], r["kind"], r["quantizer"],
+                              r["reason"].replace("|", "\\|")] for r in failed]), ""]
     if skipped:
         parts += ["## Skipped points", "",
                   f"{len(skipped)} planned point(s) were not evaluated:", "",

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -25,6 +26,7 @@ from kure_jax import QATConfig, kurtosis_report
 from kure_jax._arrays import leaf_shapes, shape_mismatch
 from kure_jax.evaluation import plots, report
 from kure_jax.evaluation.forward import ApplyFn, check_apply
+from kure_jax.evaluation.parallel import EvalMesh
 from kure_jax.evaluation.spec import SweepSpec
 from kure_jax.evaluation.sweep import SweepTarget, Task, plan_sweep, target_layers
 from kure_jax.selection import Selection, select
@@ -53,7 +55,8 @@ class LoadedCheckpoint:
     Attributes:
       label: unique name in the results; group: name shared by seeds of one recipe.
       path: the directory given.
-      config: its training config; model, variables, dataset, qat: as in ``SweepTarget``.
+      config: its training config; model, variables, dataset, qat, widths: as in
+        ``SweepTarget`` (``widths`` for a multi-bit QAT checkpoint, ``config.qat.bits``).
     """
 
     label: str
@@ -64,11 +67,13 @@ class LoadedCheckpoint:
     variables: dict[str, PyTree]
     dataset: Any
     qat: QATConfig | None
+    widths: Mapping[int, tuple[QATConfig, PyTree]] | None = None
 
     def target(self) -> SweepTarget:
         """The :class:`SweepTarget` that :func:`plan_sweep` takes."""
         return SweepTarget(label=self.label, group=self.group, model=self.model,
-                           variables=self.variables, dataset=self.dataset, qat=self.qat)
+                           variables=self.variables, dataset=self.dataset, qat=self.qat,
+                           widths=self.widths)
 
 
 def _first_line(err: BaseException, limit: int = 240) -> str:
@@ -111,15 +116,22 @@ def load_checkpoint(
         optionally prefixed by a group name: ``kure=runs/kure_s0``. The label is the path's last
         component; the group is NAME or the label.
       which: ``"best"`` or ``"latest"`` (see ``restore_for_eval``).
-      datasets: cache of ``get_dataset`` results by name, shared between checkpoints.
+      datasets: cache of ``get_dataset`` results by name and ``config.dataset_options``,
+        shared between checkpoints.
+
+    A multi-bit QAT checkpoint (``config.qat.bits``) gets ``widths``: each trained width's
+    ``QATConfig`` and BatchNorm statistics (its own with ``bn_per_bits``); its ``qat`` and
+    ``variables["batch_stats"]`` are those of the widest width.
 
     Raises:
       CheckpointError: one line naming the path, for a missing or unreadable checkpoint, an
-        unknown dataset, or weights whose shapes do not fit the model its config describes.
+        unknown dataset, weights whose shapes do not fit the model its config describes (every
+        width's statistics are checked), or per-width statistics without an entry of a width.
     """
     # Deferred: `import kure_jax.evaluation` stays free of Orbax and the data pipelines.
     from kure_jax.data import get_dataset
     from kure_jax.training import qat_config, restore_for_eval
+    from kure_jax.training.build import multibit_widths
 
     name, sep, path = spec.partition("=")
     if not sep or "/" in name or not name:
@@ -133,14 +145,25 @@ def load_checkpoint(
         message = f"checkpoint {path} cannot be restored ({_first_line(err)})."
         raise CheckpointError(message) from err
     datasets = {} if datasets is None else datasets
+    # The dataset as the run read it (data_dir, manual_dir, ...): one per name and options.
+    options = config.get("dataset_options", {})
+    options = options.to_dict() if hasattr(options, "to_dict") else dict(options)
+    dataset_key = f"{config.dataset} {sorted(options.items())}"
     try:
-        if config.dataset not in datasets:
-            datasets[config.dataset] = get_dataset(config.dataset)
+        if dataset_key not in datasets:
+            datasets[dataset_key] = get_dataset(config.dataset, **options)
         qat = qat_config(config, kernel_impl="jnp")  # not the training machine's kernels
-    except (ValueError, AttributeError) as err:
+        widths = multibit_widths(config, variables["batch_stats"], kernel_impl="jnp") or None
+    except (ValueError, AttributeError, KeyError, FileNotFoundError, ImportError) as err:
         raise CheckpointError(f"checkpoint {path}: {_first_line(err)}") from err
-    dataset = datasets[config.dataset]
+    if widths:  # multi-bit QAT: its float/PTQ points use the widest width's BatchNorm stats
+        qat, stats = widths[max(widths)]
+        variables = {**variables, "batch_stats": stats}
+    dataset = datasets[dataset_key]
     try:
+        for _, stats in (widths or {}).values():  # every width's statistics, not only one
+            _check_fits(path, config, model, {**variables, "batch_stats": stats},
+                        tuple(dataset.image_shape))
         _check_fits(path, config, model, variables, tuple(dataset.image_shape))
     except CheckpointError:
         raise
@@ -151,7 +174,8 @@ def load_checkpoint(
         ) from err
     label = directory.absolute().name
     return LoadedCheckpoint(label=label, group=name or label, path=str(path), config=config,
-                            model=model, variables=variables, dataset=dataset, qat=qat)
+                            model=model, variables=variables, dataset=dataset, qat=qat,
+                            widths=widths)
 
 
 def _unique_labels(loaded: list[LoadedCheckpoint]) -> list[LoadedCheckpoint]:
@@ -186,7 +210,9 @@ def _describe(c: LoadedCheckpoint, spec: SweepSpec) -> tuple[dict[str, Any], dic
         "model": c.config.model, "model_options": c.config.model_options.to_dict(),
         "dataset": c.config.dataset, "num_test_images": int(c.dataset.num_eval_examples),
         "kure_lambda": float(c.config.kure.lambda_), "kure_target": float(c.config.kure.target),
-        "qat": None if c.qat is None else c.qat.name, **layers, "config": c.config.to_dict(),
+        "qat": None if c.qat is None else c.qat.name,
+        "qat_widths": sorted(c.widths, reverse=True) if c.widths else None,
+        **layers, "config": c.config.to_dict(),
     }
     return entry, weights
 
@@ -207,28 +233,49 @@ def _run_prepared(
     *,
     progress: bool | None,
     after_task: AfterTask | None,
+    mesh: EvalMesh | None,
 ) -> dict[str, Any]:
     """The sweep loop shared by :func:`run_sweep` and :func:`evaluate_model`: plans every
-    target, records skipped tasks, runs the others, writes the outputs (also on interrupt)."""
+    target, records skipped tasks, runs the others, writes the outputs (also on interrupt).
+
+    Every task's images/s go to the progress bar and to ``results.json``'s ``"timings"``.
+    With several processes only process 0 writes files (all compute the same points)."""
     out = pathlib.Path(out_dir)
+    chief = jax.process_index() == 0
+    devices = 1 if mesh is None else mesh.num_devices
     writer = report.ResultsWriter(out, sweep=spec.to_config_dict(),
-                                  checkpoints=[p.entry for p in prepared])
-    plans = [(p, plan_sweep(p.target, spec)) for p in prepared]
+                                  checkpoints=[p.entry for p in prepared], write=chief,
+                                  devices=devices)
+    plans = [(p, plan_sweep(p.target, spec, mesh=mesh)) for p in prepared]
     skipped = [t.skipped for _, tasks in plans for t in tasks if t.skipped is not None]
     if skipped:  # known before any evaluation: an interrupted run's file lists them too
         writer.skip(skipped)
     total = sum(t.num_points for _, tasks in plans for t in tasks)
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=total, unit="pt", desc="sweep", dynamic_ncols=True,
-               disable=None if progress is None else not progress)
+    bar = tqdm(total=total, unit="pt", desc=f"sweep ({devices} device{'s' * (devices > 1)})",
+               dynamic_ncols=True, disable=None if progress is None else not progress)
+    rate = ""
     try:
         for p, tasks in plans:
             for task in tasks:
                 if task.skipped is not None:
                     continue
-                bar.set_postfix_str(f"{p.target.label} {task.kind} {task.quantizer}")
+                bar.set_postfix_str(f"{p.target.label} {task.kind} {task.quantizer}{rate}")
+                start = time.perf_counter()
                 points = task.run()
+                seconds = time.perf_counter() - start
+                images = sum(point.get("count") or 0 for point in points)
+                writer.time({"checkpoint": p.target.label, "kind": task.kind,
+                             "quantizer": task.quantizer, "points": len(points),
+                             "seconds": round(seconds, 4),
+                             "images_per_second": round(images / seconds, 1) if seconds else None})
+                rate = f" | last {images / max(seconds, 1e-9):,.0f} img/s"
+                # A point the toolchain refused (runtime tasks) is a record with a reason.
+                failed = [r for r in points if r.get("status") == report.FAILED]
+                if failed:
+                    writer.skip(failed)
+                    points = [r for r in points if r.get("status") != report.FAILED]
                 writer.add(points)
                 bar.update(task.num_points)
                 if after_task is not None:
@@ -237,7 +284,9 @@ def _run_prepared(
     finally:
         bar.close()
         data = writer.data
-        if data["complete"]:
+        if not chief:
+            pass  # the same points: process 0 writes them
+        elif data["complete"]:
             # Histograms of the first checkpoint of each group (seeds look alike).
             weights: dict[str, Any] = {}
             seen: set[str] = set()
@@ -259,6 +308,7 @@ def run_sweep(
     which: str = "best",
     progress: bool | None = None,
     after_task: AfterTask | None = None,
+    mesh: EvalMesh | None = None,
 ) -> dict[str, Any]:
     """Evaluates every checkpoint under ``spec`` and writes the results into ``out_dir``.
 
@@ -276,6 +326,9 @@ def run_sweep(
       which: ``"best"`` or ``"latest"`` checkpoint of a workdir.
       progress: show a tqdm progress bar (``None``: only when stderr is a terminal).
       after_task: called with each finished task and its points (e.g. for logging).
+      mesh: evaluate data-parallel over its devices (and processes), with results equal to
+        one device's (:mod:`kure_jax.evaluation.parallel`); ``None``: the default device.
+        With several processes each process calls ``run_sweep`` alike; process 0 writes.
 
     Returns:
       The results dict, as written to ``results.json``.
@@ -292,7 +345,8 @@ def run_sweep(
     loaded = _unique_labels([load_checkpoint(c, which=which, datasets=datasets)
                              for c in checkpoints])
     prepared = [_Prepared(c.target(), *_describe(c, spec)) for c in loaded]
-    return _run_prepared(prepared, spec, out_dir, progress=progress, after_task=after_task)
+    return _run_prepared(prepared, spec, out_dir, progress=progress, after_task=after_task,
+                         mesh=mesh)
 
 
 class _UserBatches:
@@ -349,6 +403,7 @@ def evaluate_model(
     group: str | None = None,
     metadata: Mapping[str, Any] | None = None,
     after_task: AfterTask | None = None,
+    mesh: EvalMesh | None = None,
 ) -> dict[str, Any]:
     """The robustness report of any model: ``spec``'s sweep of ``apply_fn`` at ``params``.
 
@@ -388,6 +443,8 @@ def evaluate_model(
       metadata: extra JSON-ready fields of the model's results.json entry (``"path"``,
         ``"model"``, ``"dataset"``, ...).
       after_task: called with each finished task and its points.
+      mesh: evaluate data-parallel over its devices, as :func:`run_sweep`; with several
+        processes, each process's ``batches`` are its share of every global batch.
 
     Returns:
       The results dict, as written to ``results.json``.
@@ -417,7 +474,7 @@ def evaluate_model(
              "model_kind": "linen" if module is not None else "apply_fn", "qat": None,
              **dict(metadata or {}), **layers}
     return _run_prepared([_Prepared(target, entry, weights)], spec, out, progress=progress,
-                         after_task=after_task)
+                         after_task=after_task, mesh=mesh)
 
 
 def write_outputs(

@@ -1,11 +1,11 @@
 """What a robustness sweep evaluates: :class:`SweepSpec`, validated from a sweep config.
 
 A sweep config is an ``ml_collections.ConfigDict`` (see ``configs/sweeps/default.py``, which
-documents every key) with the sections ``weight``, ``weight_act``, ``step_ratio``, ``qat`` and
-``report``. :meth:`SweepSpec.from_config` checks it once, before any checkpoint is touched: an
-unknown key, a bad value or an unknown quantizer name is a ``ValueError`` that names the key and
-the allowed values. Keys a config leaves out take the defaults of :class:`SweepSpec`; an empty
-tuple of bit widths (or pairs) skips that section.
+documents every key) with the sections ``weight``, ``weight_act``, ``step_ratio``, ``qat``,
+``nested``, ``report`` and ``runtimes``. :meth:`SweepSpec.from_config` checks it once, before
+any checkpoint is touched: an unknown key, a bad value or an unknown quantizer name is a
+``ValueError`` that names the key and the allowed values. Keys a config leaves out take the
+defaults of :class:`SweepSpec`; an empty tuple of bit widths (or pairs) skips that section.
 """
 
 from __future__ import annotations
@@ -54,7 +54,10 @@ _SCHEMA: dict[str | None, dict[str, str]] = {
         "num": "step_ratio_num",
     },
     "qat": {"bits": "qat_bits", "step_ratio": "qat_step_ratio"},
+    "nested": {"bits": "nested_bits", "nest_bits": "nested_nest_bits",
+               "per_channel": "nested_per_channel"},
     "report": {"histogram_layers": "histogram_layers", "plots": "plots"},
+    "runtimes": {"schemes": "runtime_schemes", "litert_batch_size": "runtime_batch_size"},
 }
 
 _DEFAULT_QUANTIZERS: dict[str, dict[str, Any]] = {
@@ -108,8 +111,20 @@ class SweepSpec:
         float shadow weights (activations as trained).
       qat_step_ratio: also sweep a QAT checkpoint's learned weight steps/clips over the ratio
         grid (at its trained bit widths).
+      nested_bits: widths ``r`` at which every checkpoint is evaluated twice, weight-only
+        (:mod:`kure_jax.evaluation.nested_sweep`): its float kernels re-quantised to
+        asymmetric min-max codes of ``r`` bits, and the top ``r`` bits of their
+        ``nested_nest_bits``-bit codes (Matryoshka slicing). ``()`` (the default) skips it.
+      nested_nest_bits: the width ``c`` of the codes that are sliced (8: int8).
+      nested_per_channel: one min-max range per output channel (as the ``"matryoshka"`` QAT
+        quantizer) instead of one per tensor.
       histogram_layers: how many quantised layers get a weight histogram.
       plots: write the PNG plots.
+      runtime_schemes: real integer runtimes to run the model in (``runtimes.schemes``),
+        names such as ``"litert/int8"`` or ``"ort/int8_per_channel_minmax"`` (see
+        :mod:`kure_jax.evaluation.runtime_schemes`); empty (the default) turns them off.
+      runtime_batch_size: the fixed batch size of the LiteRT models
+        (``runtimes.litert_batch_size``).
 
     Raises:
       ValueError: on construction for any invalid value, naming the config key.
@@ -136,8 +151,13 @@ class SweepSpec:
     step_ratio_num: int = 61
     qat_bits: tuple[int, ...] = (8, 6, 5, 4, 3, 2)
     qat_step_ratio: bool = True
+    nested_bits: tuple[int, ...] = ()
+    nested_nest_bits: int = 8
+    nested_per_channel: bool = True
     histogram_layers: int = 3
     plots: bool = True
+    runtime_schemes: tuple[str, ...] = ()
+    runtime_batch_size: int = 100
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)
@@ -147,11 +167,19 @@ class SweepSpec:
             )
         for name, low in (("eval_batch_size", 1), ("map_chunk", 1), ("stochastic_seeds", 1),
                           ("calibration_images", 1), ("calibration_seed", 0),
-                          ("step_ratio_num", 1), ("histogram_layers", 0)):
+                          ("step_ratio_num", 1), ("histogram_layers", 0),
+                          ("runtime_batch_size", 1)):
             set_(name, _integer(getattr(self, name), name, low))
-        for name in ("weight_bits", "step_ratio_bits", "qat_bits"):
+        for name in ("weight_bits", "step_ratio_bits", "qat_bits", "nested_bits"):
             set_(name, _bits_tuple(getattr(self, name), name))
+        set_("nested_nest_bits", _one_bits(self.nested_nest_bits, "nested.nest_bits"))
+        if any(b > self.nested_nest_bits for b in self.nested_bits):
+            raise ValueError(
+                f"sweep key 'nested.bits' {self.nested_bits} must not exceed 'nested.nest_bits' "
+                f"({self.nested_nest_bits}): the slices are the top bits of those codes."
+            )
         set_("wa_pairs", _pairs(self.wa_pairs))
+        set_("runtime_schemes", _runtime_schemes(self.runtime_schemes))
         set_("weight_quantizers", _quantizers(self.weight_quantizers))
         for name in ("wa_weight_quantizer", "step_ratio_quantizer"):
             if getattr(self, name) not in self.weight_quantizers:
@@ -186,7 +214,7 @@ class SweepSpec:
                 f"sweep keys 'step_ratio.start' ({self.step_ratio_start}) and 'step_ratio.stop' "
                 f"({self.step_ratio_stop}) must satisfy start <= stop."
             )
-        for name in ("qat_step_ratio", "plots"):
+        for name in ("qat_step_ratio", "nested_per_channel", "plots"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(
                     f"sweep key {_key_of(name)!r} must be True or False; "
@@ -309,6 +337,18 @@ def _pairs(values: Any) -> tuple[tuple[int, int], ...]:
             )
         pairs.append((_one_bits(pair[0], key), _one_bits(pair[1], key)))
     return tuple(pairs)
+
+
+def _runtime_schemes(values: Any) -> tuple[str, ...]:
+    from kure_jax.evaluation.runtime_schemes import parse_scheme
+
+    if isinstance(values, str | bytes) or not hasattr(values, "__iter__"):
+        raise ValueError("sweep key 'runtimes.schemes' must be a tuple of names such as "
+                         f"('litert/int8', 'ort/int8_per_channel_minmax'); got {values!r}.")
+    names = tuple(parse_scheme(v).name for v in values)
+    if len(set(names)) != len(names):
+        raise ValueError(f"sweep key 'runtimes.schemes' lists a name twice: {list(names)}.")
+    return names
 
 
 def _quantizers(value: Any) -> dict[str, dict[str, Any]]:

@@ -19,6 +19,12 @@ with ``kind`` one of ``POINT_KINDS``:
   keep the learned clip range (``s * Q_p(trained) / Q_p(bits)``); learned clips are kept.
 * ``"qat_step_ratio"``: a QAT checkpoint with its learned weight steps (LSQ) or clips (learned
   clip) multiplied by ``step_ratio``, at its trained bit widths.
+* ``"nested_requant"`` / ``"nested_slice"``: weight-only, at each width of ``nested.bits``:
+  the float kernels re-quantised to min-max codes of that width, or the top bits of their int8
+  codes (Matryoshka slicing); see :mod:`kure_jax.evaluation.nested_sweep`, which also gives a
+  multi-bit QAT checkpoint (``SweepTarget.widths``) its ``"qat"`` point per trained width.
+* ``"runtime"``: the float model converted and run in a real integer runtime (LiteRT, ONNX
+  Runtime), ``quantizer`` e.g. ``"litert/int8"``; see :mod:`kure_jax.evaluation.runtimes`.
 
 The weight-only and W/A PTQ points treat a QAT checkpoint's shadow weights like any float
 model's (activations float unless quantised by a W/A pair), so their columns mean the same
@@ -35,7 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -45,7 +51,7 @@ import numpy as np
 from jax.extend import core as jax_core
 
 from kure_jax import QATConfig, QuantPolicy, paper_selection, select
-from kure_jax.evaluation import calibration
+from kure_jax.evaluation import calibration, nested_sweep
 from kure_jax.evaluation.forward import (
     ApplyFn,
     Metrics,
@@ -57,14 +63,16 @@ from kure_jax.evaluation.forward import (
     mapped_eval_step,
     ptq_transform,
 )
+from kure_jax.evaluation.parallel import EvalMesh
 from kure_jax.evaluation.spec import SweepSpec
 from kure_jax.selection import LeafPredicate, Selection, selection_mask
 
 __all__ = ["POINT_KINDS", "SweepTarget", "Task", "apply_layers", "calibration_images", "plan_sweep",
-           "quantized_layers", "target_layers"]
+           "quantized_layers", "target_layers", "test_batches"]
 
 POINT_KINDS: tuple[str, ...] = (
-    "fp", "weight", "weight_act", "step_ratio", "qat", "qat_bits", "qat_step_ratio",
+    "fp", "weight", "weight_act", "step_ratio", "qat", "qat_bits", "qat_step_ratio", "runtime",
+    "nested_requant", "nested_slice",
 )
 PyTree = Any
 Point = dict[str, Any]
@@ -91,6 +99,9 @@ class SweepTarget:
       calibration: W/A calibration images ``(N, H, W, C)``, or a function returning them
         (called once, when the first W/A point runs); at most ``spec.calibration_images``
         are used.
+      widths: a multi-bit QAT checkpoint's ``{bits: (QATConfig, batch_stats)}`` (each trained
+        width's quantizers and BatchNorm statistics), or ``None``; then ``qat`` is its widest
+        width and ``variables["batch_stats"]`` that width's statistics.
     """
 
     label: str
@@ -102,6 +113,7 @@ class SweepTarget:
     apply_fn: ApplyFn | None = None
     where: Selection = None
     calibration: np.ndarray | Callable[[], np.ndarray] | None = None
+    widths: Mapping[int, tuple[QATConfig, PyTree]] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -262,12 +274,21 @@ def _scale_weight_quant(quant: PyTree, name: str, factor: Any) -> PyTree:
     return jax.tree_util.tree_map_with_path(scale, quant)
 
 
-def plan_sweep(target: SweepTarget, spec: SweepSpec) -> list[Task]:
+def plan_sweep(
+    target: SweepTarget, spec: SweepSpec, *, mesh: EvalMesh | None = None
+) -> list[Task]:
     """Every task of ``spec`` for ``target``, in order; nothing is evaluated yet.
 
     Compiled programs are shared between tasks: the float forward pass is compiled once and
     reused by every weight-only point (only the small quantisation program is compiled per
     policy), and each mapped sweep is one program.
+
+    With ``mesh`` every forward pass (and the activation calibration) runs with the batch
+    sharded over its devices and the variables replicated; the global eval batch is
+    ``spec.eval_batch_size`` rounded up to a multiple of ``mesh.row_multiple``, and with
+    several processes each reads its share of it from ``target.dataset``. The points equal one
+    device's to float32 rounding, and bit for bit with ``mesh.micro_batch`` set (see
+    :mod:`kure_jax.evaluation.parallel`).
 
     Raises:
       ValueError: if ``spec.layers`` selects nothing in the model, the model cannot be
@@ -276,17 +297,22 @@ def plan_sweep(target: SweepTarget, spec: SweepSpec) -> list[Task]:
     if target.qat is not None and target.qat.quantizes and target.model is None:
         raise ValueError(f"target {target.label}: QAT points need its Linen model.")
     variables, dataset = target.variables, target.dataset
-    batch_size = spec.eval_batch_size
-    batches = lambda: dataset.eval_batches(global_batch_size=batch_size)
+    batch_size = spec.eval_batch_size if mesh is None else mesh.global_batch_size(
+        spec.eval_batch_size)
+    batches = test_batches(dataset, batch_size, mesh)
     where, names = target_layers(target, spec)
+    if mesh is not None:
+        variables = mesh.replicate(variables)
+        target = dataclasses.replace(target, variables=variables)
     float_vars = {k: v for k, v in variables.items() if k != "quant"}
     apply_fp = classifier_apply(target.model) if target.apply_fn is None else target.apply_fn
-    fp_step = make_eval_step(apply_fp)
+    fp_step = make_eval_step(apply_fp, mesh=mesh)
     tasks: list[Task] = []
     add = lambda kind, quantizer, n, run: tasks.append(Task(kind, quantizer, n, run))
 
     add("fp", "fp", 1,
-        lambda: [_point(target, "fp", "fp", evaluate(fp_step, float_vars, batches()))])
+        lambda: [_point(target, "fp", "fp", evaluate(fp_step, float_vars, batches(),
+                                                     mesh=mesh))])
 
     for bits in spec.weight_bits:
         for name in spec.weight_quantizers:
@@ -294,12 +320,12 @@ def plan_sweep(target: SweepTarget, spec: SweepSpec) -> list[Task]:
             if policy.rounding == "stochastic":
                 add("weight", name, spec.stochastic_seeds,
                     _stochastic_task(target, spec, apply_fp, float_vars, batches, name, policy,
-                                     where))
+                                     where, mesh))
                 continue
 
             def run(name=name, policy=policy, bits=bits) -> list[Point]:
                 quantized = jax.jit(ptq_transform(policy, where=where))(float_vars)
-                metrics = evaluate(fp_step, quantized, batches())
+                metrics = evaluate(fp_step, quantized, batches(), mesh=mesh)
                 return [_point(target, "weight", name, metrics, weight_bits=bits, policy=policy)]
 
             add("weight", name, 1, run)
@@ -323,7 +349,7 @@ def plan_sweep(target: SweepTarget, spec: SweepSpec) -> list[Task]:
                 cache.update(calibration.calibrate_activations(
                     apply_fp, float_vars, chunks, layers=layer_names,
                     bits=sorted({a for _, a in spec.wa_pairs}), clip=spec.act_clip,
-                    percentile=spec.act_percentile))
+                    percentile=spec.act_percentile, mesh=mesh))
             return cache[act_bits]
 
         for w_bits, a_bits in spec.wa_pairs:
@@ -333,8 +359,8 @@ def plan_sweep(target: SweepTarget, spec: SweepSpec) -> list[Task]:
                 quantized = jax.jit(ptq_transform(w_policy, where=where))(float_vars)
                 act_apply = calibration.activation_quantized(
                     apply_fp, bits=a_bits, signed=calib.signed)
-                step = make_eval_step(lambda v, x: act_apply(v[0], v[1], x))
-                metrics = evaluate(step, (quantized, calib.steps), batches())
+                step = make_eval_step(lambda v, x: act_apply(v[0], v[1], x), mesh=mesh)
+                metrics = evaluate(step, (quantized, calib.steps), batches(), mesh=mesh)
                 act_policy = {"bits": a_bits, "clip": spec.act_clip,
                               "percentile": spec.act_percentile,
                               "calibration_images": spec.calibration_images,
@@ -352,17 +378,42 @@ def plan_sweep(target: SweepTarget, spec: SweepSpec) -> list[Task]:
 
         def run_ratio(policy=policy, bits=bits) -> list[Point]:
             step = mapped_eval_step(apply_fp, ptq_transform(policy, where=where, over="step_ratio"),
-                                    chunk=spec.map_chunk)
-            results = evaluate_mapped(step, float_vars, jnp.asarray(ratios), batches())
+                                    chunk=spec.map_chunk, mesh=mesh)
+            results = evaluate_mapped(step, float_vars, jnp.asarray(ratios), batches(), mesh=mesh)
             return [_point(target, "step_ratio", spec.step_ratio_quantizer, m, weight_bits=bits,
                            step_ratio=round(float(r), 6), policy=policy)
                     for r, m in zip(ratios, results, strict=True)]
 
         add("step_ratio", spec.step_ratio_quantizer, len(ratios), run_ratio)
 
-    if target.qat is not None and target.qat.quantizes:
-        tasks.extend(_qat_tasks(target, spec, batches))
+    point = lambda kind, quantizer, metrics, **fields: _point(target, kind, quantizer, metrics,
+                                                              **fields)
+    if target.widths:  # multi-bit QAT: every trained width as trained
+        for task in nested_sweep.multibit_qat_tasks(target.model, variables, target.widths, spec,
+                                                    batches=batches, point=point, mesh=mesh):
+            add(*task)
+    elif target.qat is not None and target.qat.quantizes:
+        tasks.extend(_qat_tasks(target, spec, batches, mesh))
+    for task in nested_sweep.nested_tasks(spec, float_vars=float_vars, fp_step=fp_step,
+                                          batches=batches, where=where, point=point, mesh=mesh):
+        add(*task)
+    if spec.runtime_schemes:  # real integer runtimes (LiteRT, ONNX Runtime): their own module
+        from kure_jax.evaluation.runtimes import runtime_tasks
+
+        tasks.extend(Task("runtime", t.quantizer, t.num_points, t.run, skipped=t.skipped)
+                     for t in runtime_tasks(target, spec, apply_fn=apply_fp, variables=float_vars,
+                                            calibration=lambda: _calibration_images(target, spec)))
     return tasks
+
+
+def test_batches(dataset: Any, batch_size: int, mesh: EvalMesh | None) -> Callable[[], Any]:
+    """``() -> iterator`` over this process's share of the test split's global batches of
+    ``batch_size`` rows (``dataset.eval_batches``; with one process, all of each batch)."""
+    if mesh is None or mesh.process_count == 1:
+        return lambda: dataset.eval_batches(global_batch_size=batch_size)
+    return lambda: dataset.eval_batches(global_batch_size=batch_size,
+                                        process_index=mesh.process_index,
+                                        process_count=mesh.process_count)
 
 
 def _wa_skip_reason(target: SweepTarget) -> str | None:
@@ -394,25 +445,28 @@ def calibration_images(dataset: Any, spec: SweepSpec) -> np.ndarray:
     ))["image"]
 
 
-def _stochastic_task(target, spec, apply_fp, float_vars, batches, name, policy, where):
+def _stochastic_task(target, spec, apply_fp, float_vars, batches, name, policy, where, mesh):
     def run() -> list[Point]:
         step = mapped_eval_step(apply_fp, ptq_transform(policy, where=where, over="key"),
-                                chunk=spec.map_chunk)
+                                chunk=spec.map_chunk, mesh=mesh)
         seeds = np.arange(spec.stochastic_seeds)
         keys = jax.vmap(jax.random.key)(jnp.asarray(seeds))
-        results = evaluate_mapped(step, float_vars, keys, batches())
+        results = evaluate_mapped(step, float_vars, keys, batches(), mesh=mesh)
         return [_point(target, "weight", name, m, weight_bits=policy.bits, seed=int(s),
                        policy=policy) for s, m in zip(seeds, results, strict=True)]
 
     return run
 
 
-def _qat_tasks(target: SweepTarget, spec: SweepSpec, batches: Callable) -> list[Task]:
+def _qat_tasks(
+    target: SweepTarget, spec: SweepSpec, batches: Callable, mesh: EvalMesh | None
+) -> list[Task]:
     qat, variables = target.qat, target.variables
     trained = qat.weight_bits
     tasks = [Task("qat", qat.name, 1, lambda: [_point(
-        target, "qat", qat.name, evaluate(make_eval_step(classifier_apply(target.model, qat=qat)),
-                                          variables, batches()),
+        target, "qat", qat.name,
+        evaluate(make_eval_step(classifier_apply(target.model, qat=qat), mesh=mesh), variables,
+                 batches(), mesh=mesh),
         weight_bits=trained, act_bits=qat.act_bits)])]
     if trained is None:
         return tasks
@@ -424,8 +478,8 @@ def _qat_tasks(target: SweepTarget, spec: SweepSpec, batches: Callable) -> list[
             if qat.weight_quantizer == "lsq":  # keep the learned clip s * Q_p
                 factor = (2 ** (trained - 1) - 1) / (2 ** (bits - 1) - 1)
                 rebit_vars["quant"] = _scale_weight_quant(variables["quant"], state_name, factor)
-            step = make_eval_step(classifier_apply(target.model, qat=rebit))
-            metrics = evaluate(step, rebit_vars, batches())
+            step = make_eval_step(classifier_apply(target.model, qat=rebit), mesh=mesh)
+            metrics = evaluate(step, rebit_vars, batches(), mesh=mesh)
             return [_point(target, "qat_bits", qat.weight_quantizer, metrics, weight_bits=bits,
                            act_bits=qat.act_bits)]
 
@@ -436,8 +490,8 @@ def _qat_tasks(target: SweepTarget, spec: SweepSpec, batches: Callable) -> list[
         def run_ratio() -> list[Point]:
             transform = lambda v, r: {**v, "quant": _scale_weight_quant(v["quant"], state_name, r)}
             step = mapped_eval_step(classifier_apply(target.model, qat=qat), transform,
-                                    chunk=spec.map_chunk)
-            results = evaluate_mapped(step, variables, jnp.asarray(ratios), batches())
+                                    chunk=spec.map_chunk, mesh=mesh)
+            results = evaluate_mapped(step, variables, jnp.asarray(ratios), batches(), mesh=mesh)
             return [_point(target, "qat_step_ratio", qat.weight_quantizer, m, weight_bits=trained,
                            act_bits=qat.act_bits, step_ratio=round(float(r), 6))
                     for r, m in zip(ratios, results, strict=True)]

@@ -21,6 +21,7 @@ __all__ = [
     "kure_selection",
     "multibit_bits",
     "multibit_qat_configs",
+    "multibit_widths",
     "qat_config",
     "step_config",
 ]
@@ -103,6 +104,33 @@ def multibit_qat_configs(
     if bits is None:
         return {}
     return dict(width_qats(qat_config(config, kernel_impl=kernel_impl), bits))
+
+
+def multibit_widths(
+    config: ml_collections.ConfigDict, batch_stats: PyTree, *, kernel_impl: str | None = None
+) -> dict[int, tuple[QATConfig, PyTree]]:
+    """``{bits: (QATConfig, batch_stats)}``: how a multi-bit checkpoint runs at each width.
+
+    Args:
+      config: the checkpoint's training config.
+      batch_stats: its ``"batch_stats"``: keyed by width (``"w8"``, ...) with
+        ``config.qat.bn_per_bits``, else the shared statistics.
+      kernel_impl: as in :func:`qat_config`.
+
+    Returns:
+      One entry per trained width (the order of ``config.qat.bits``): its ``QATConfig``
+      (:func:`multibit_qat_configs`) and the BatchNorm statistics it uses
+      (:func:`kure_jax.training.multibit.batch_stats_at`); ``{}`` for a single-width config.
+
+    Raises:
+      ValueError: as :func:`multibit_qat_configs`.
+      KeyError: with ``bn_per_bits``, if ``batch_stats`` lacks a width.
+    """
+    from kure_jax.training.multibit import batch_stats_at
+
+    qats = multibit_qat_configs(config, kernel_impl=kernel_impl)
+    per_bits = bool(config.qat.get("bn_per_bits", False))
+    return {b: (q, batch_stats_at(batch_stats, b, per_bits=per_bits)) for b, q in qats.items()}
 
 
 def kure_selection(

@@ -185,7 +185,7 @@ def _restore_state_and_config(directory: pathlib.Path, step: int) -> dict[str, A
     )
     try:
         # Shapes and dtypes come from the checkpoint itself: no model init, no optimizer.
-        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         abstract = jax.tree.map(
             lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
             manager.item_metadata(step)["state"],
