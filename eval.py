@@ -61,7 +61,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     parallel = parser.add_argument_group(
         "data parallelism", "the test batch is sharded over all devices (of all processes "
-        "with --distributed); results equal one device's exactly")
+        "with --distributed); results equal one device's to float32 rounding, and bit for bit "
+        "with --micro_batch")
     parallel.add_argument("--devices", type=int, metavar="N",
                           help="evaluate on the first N devices only (default: all)")
     parallel.add_argument("--micro_batch", type=int, metavar="M",
@@ -154,10 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     import jax
 
     if args.distributed:
-        # CPU processes (tests, CPU clusters) need a collectives backend; GPU/TPU ignore this.
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(coordinator_address=args.coordinator_address,
-                                   num_processes=args.num_processes, process_id=args.process_id)
+        from kure_jax._distributed import initialize
+
+        initialize(args.coordinator_address, args.num_processes, args.process_id)
     from kure_jax._interrupts import sigint_is_ours
     from kure_jax.evaluation import (
         CheckpointError,

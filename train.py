@@ -147,13 +147,9 @@ def main(argv: list[str]) -> int:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     absl_logging.get_absl_handler().addFilter(_not_orbax_info)
     if _DISTRIBUTED.value:
-        import jax
+        from kure_jax._distributed import initialize
 
-        # CPU processes (tests, CPU clusters) need a collectives backend; GPU/TPU ignore this.
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
-                                   num_processes=_NUM_PROCESSES.value,
-                                   process_id=_PROCESS_ID.value)
+        initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     workdir = _WORKDIR.value
     if workdir is None:
         config_path = config_flags.get_config_filename(flags.FLAGS["config"])

@@ -42,6 +42,7 @@ __all__ = [
     "evaluate",
     "evaluate_mapped",
     "inference_kwargs",
+    "logits_metrics",
     "make_eval_step",
     "mapped_eval_step",
     "metrics_from_sums",
@@ -164,24 +165,41 @@ def metrics_from_sums(sums: np.ndarray) -> Metrics:
     return Metrics(accuracy=correct / count, loss=loss_sum / count, count=round(count))
 
 
+def _add_rows(total: np.ndarray | None, rows: jax.Array) -> np.ndarray:
+    """``total + rows.sum(-2)`` in float64, adding the ``(..., B, 3)`` rows one after another
+    in example order (``np.cumsum`` is sequential): the result does not depend on where
+    batches start, on padding (zero rows) or on the device count."""
+    rows = np.asarray(rows, np.float64)
+    if total is not None:
+        rows = np.concatenate([total[..., None, :], rows], axis=-2)
+    return np.cumsum(rows, axis=-2)[..., -1, :]
+
+
 def _run(step: Callable[..., jax.Array], args: tuple, batches: Iterable[Batch],
          mesh: EvalMesh | None) -> np.ndarray:
-    """Sums the ``(..., B, 3)`` rows of ``step`` over ``batches``: float64 ``(..., 3)``.
-
-    The rows are added one after another in example order (``np.cumsum`` is sequential), so
-    the total does not depend on the batch boundaries, the padding or the device count.
-    """
+    """Sums the ``(..., B, 3)`` rows of ``step`` over ``batches``: float64 ``(..., 3)``."""
     total = None
     for batch in batches:
         placed = batch if mesh is None else mesh.place_batch(batch)
-        rows = np.asarray(step(*args, placed["image"], placed["label"], placed["mask"]),
-                          np.float64)
-        if total is not None:
-            rows = np.concatenate([total[..., None, :], rows], axis=-2)
-        total = np.cumsum(rows, axis=-2)[..., -1, :]
+        total = _add_rows(total, step(*args, placed["image"], placed["label"], placed["mask"]))
     if total is None:
         raise ValueError("the evaluation split yielded no batch.")
     return total
+
+
+def logits_metrics(logits: np.ndarray, labels: np.ndarray) -> Metrics:
+    """:class:`Metrics` of logits computed elsewhere (e.g. by a real runtime), reduced as
+    every point of a sweep is (:func:`batch_rows`, float64 sum in example order).
+
+    Args:
+      logits: float ``(N, C)``.
+      labels: int ``(N,)``.
+
+    Raises:
+      ValueError: if ``N == 0``.
+    """
+    rows = batch_rows(jnp.asarray(logits), jnp.asarray(labels), jnp.ones(len(labels)))
+    return metrics_from_sums(_add_rows(None, rows))
 
 
 def make_eval_step(apply_fn: ApplyFn, *, mesh: EvalMesh | None = None) -> Callable[..., jax.Array]:

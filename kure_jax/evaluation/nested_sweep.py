@@ -136,7 +136,8 @@ def multibit_qat_tasks(
       model: the Linen classifier.
       variables: ``{"params", "batch_stats"[, "quant"]}`` (``batch_stats`` is replaced by
         each width's).
-      widths: ``{bits: (QATConfig, batch_stats)}`` of the trained widths.
+      widths: ``{bits: (QATConfig, batch_stats)}`` of the trained widths (placed like
+        ``variables``: replicated on ``mesh``'s devices when it is given).
       mesh: as in :func:`nested_tasks`.
     """
     steps: dict[QATConfig, Callable[..., jax.Array]] = {}
@@ -144,7 +145,6 @@ def multibit_qat_tasks(
     def run_at(qat: QATConfig, stats: PyTree):
         if qat not in steps:
             steps[qat] = make_eval_step(classifier_apply(model, qat=qat), mesh=mesh)
-        stats = stats if mesh is None else mesh.replicate(stats)
         return evaluate(steps[qat], {**variables, "batch_stats": stats}, batches(), mesh=mesh)
 
     def qat_task(kind: str, qat: QATConfig, stats: PyTree) -> TaskSpec:

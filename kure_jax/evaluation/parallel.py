@@ -77,7 +77,7 @@ class EvalMesh:
         self.replicated = NamedSharding(self.mesh, PartitionSpec())
         self.rows = NamedSharding(self.mesh, PartitionSpec(DATA_AXIS))
         self.processes = sorted(per_process)
-        self.local_devices = per_process.get(jax.process_index(), 0)
+        self.local_device_count = per_process.get(jax.process_index(), 0)
 
     @property
     def num_devices(self) -> int:
@@ -185,7 +185,7 @@ class EvalMesh:
         batch = dict(local)
         if "mask" not in batch:
             batch["mask"] = np.ones(rows, np.float32)
-        pad = -rows % (self.local_devices * (self.micro_batch or 1))
+        pad = -rows % (self.local_device_count * (self.micro_batch or 1))
         if pad:
             batch = {k: np.concatenate([np.asarray(v), np.repeat(np.asarray(v)[:1], pad, axis=0)])
                      for k, v in batch.items()}

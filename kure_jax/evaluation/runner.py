@@ -283,10 +283,8 @@ def _run_prepared(
         writer.finish()
     finally:
         bar.close()
-        data = writer.data
-        if not chief:
-            pass  # the same points: process 0 writes them
-        elif data["complete"]:
+        data = writer.data  # other processes hold the same points: process 0 writes them
+        if chief and data["complete"]:
             # Histograms of the first checkpoint of each group (seeds look alike).
             weights: dict[str, Any] = {}
             seen: set[str] = set()
@@ -295,7 +293,7 @@ def _run_prepared(
                     seen.add(p.target.group)
                     weights[p.target.label] = p.weights
             write_outputs(data, out, weights=weights, with_plots=spec.plots)
-        else:
+        elif chief:
             write_outputs(data, out, weights={}, with_plots=False)
     return data
 

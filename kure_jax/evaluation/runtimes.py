@@ -33,7 +33,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -42,7 +41,7 @@ import numpy as np
 
 from kure_jax.deploy import litert, onnx_runtime
 from kure_jax.deploy.runtime import RuntimeResult, failure
-from kure_jax.evaluation.forward import ApplyFn
+from kure_jax.evaluation.forward import ApplyFn, Metrics, logits_metrics
 from kure_jax.evaluation.runtime_schemes import (
     FAILED,
     KIND,
@@ -53,7 +52,7 @@ from kure_jax.evaluation.runtime_schemes import (
 from kure_jax.evaluation.spec import SweepSpec
 
 __all__ = ["FAILED", "KIND", "RuntimePackageError", "RuntimeTask", "check_packages",
-           "cross_entropy", "eval_split", "run_scheme", "runtime_tasks"]
+           "eval_split", "run_scheme", "runtime_tasks"]
 
 PyTree = Any
 SweepTarget = Any  # kure_jax.evaluation.sweep.SweepTarget (not imported: sweep imports us)
@@ -115,15 +114,6 @@ def eval_split(dataset: Any, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
     if not images or sum(len(x) for x in labels) == 0:
         raise ValueError("the test split is empty: no runtime point can be evaluated.")
     return np.concatenate(images), np.concatenate(labels)
-
-
-def cross_entropy(logits: np.ndarray, labels: np.ndarray) -> float:
-    """Mean softmax cross-entropy of float ``logits (N, C)`` against int ``labels (N,)``
-    (``nan`` if the logits are not finite)."""
-    z = np.asarray(logits, np.float64)
-    top = z.max(axis=-1, keepdims=True)
-    log_norm = np.log(np.exp(z - top).sum(axis=-1)) + top[:, 0]
-    return float(np.mean(log_norm - z[np.arange(len(labels)), labels]))
 
 
 def run_scheme(
@@ -220,15 +210,6 @@ class _Shared:
         return self._cache["onnx"]
 
 
-def _point(target: SweepTarget, scheme: RuntimeScheme, accuracy: float, loss: float,
-           count: int, policy: dict[str, Any]) -> dict[str, Any]:
-    return {"checkpoint": target.label, "group": target.group, "kind": KIND,
-            "quantizer": scheme.name, "weight_bits": scheme.weight_bits,
-            "act_bits": scheme.act_bits, "step_ratio": 1.0, "seed": None, "policy": policy,
-            "act_policy": None, "accuracy": accuracy,
-            "loss": loss if math.isfinite(loss) else None, "count": count}
-
-
 def runtime_tasks(
     target: SweepTarget,
     spec: SweepSpec,
@@ -236,6 +217,7 @@ def runtime_tasks(
     apply_fn: ApplyFn,
     variables: PyTree,
     calibration: Callable[[], np.ndarray],
+    point: Callable[..., dict[str, Any]],
 ) -> list[RuntimeTask]:
     """One task per ``spec.runtime_schemes`` name for ``target``; nothing is converted yet.
 
@@ -246,6 +228,9 @@ def runtime_tasks(
       variables: its float variables (``{"params", "batch_stats"}``; no ``"quant"``).
       calibration: returns the sweep's W/A calibration images ``(N, H, W, C)`` (called once,
         by the first task that runs).
+      point: the sweep's point constructor for the target, ``point(kind, quantizer,
+        metrics, **fields)`` (accuracy and loss reduced from the runtime's logits by
+        :func:`~kure_jax.evaluation.forward.logits_metrics`, as every other point).
 
     Returns:
       :class:`RuntimeTask` s, one point each (skipped tasks for a target without its
@@ -275,8 +260,9 @@ def runtime_tasks(
                 return [_record(target, scheme, result.error, status=FAILED)]
             policy = {**scheme.describe(), "model_bytes": result.model_bytes,
                       "calibration_images": len(shared.calibration())}
-            return [_point(target, scheme, result.accuracy,
-                           cross_entropy(result.logits, labels), len(labels), policy)]
+            metrics: Metrics = logits_metrics(result.logits, labels)
+            return [point(KIND, scheme.name, metrics, weight_bits=scheme.weight_bits,
+                          act_bits=scheme.act_bits, policy=policy)]
 
         return RuntimeTask(scheme.name, 1, run)
 

@@ -301,9 +301,11 @@ def plan_sweep(
         spec.eval_batch_size)
     batches = test_batches(dataset, batch_size, mesh)
     where, names = target_layers(target, spec)
-    if mesh is not None:
+    if mesh is not None:  # placed once: every task's programs take them as they are
         variables = mesh.replicate(variables)
-        target = dataclasses.replace(target, variables=variables)
+        widths = target.widths and {b: (q, mesh.replicate(stats))
+                                    for b, (q, stats) in target.widths.items()}
+        target = dataclasses.replace(target, variables=variables, widths=widths)
     float_vars = {k: v for k, v in variables.items() if k != "quant"}
     apply_fp = classifier_apply(target.model) if target.apply_fn is None else target.apply_fn
     fp_step = make_eval_step(apply_fp, mesh=mesh)
@@ -402,7 +404,8 @@ def plan_sweep(
 
         tasks.extend(Task("runtime", t.quantizer, t.num_points, t.run, skipped=t.skipped)
                      for t in runtime_tasks(target, spec, apply_fn=apply_fp, variables=float_vars,
-                                            calibration=lambda: _calibration_images(target, spec)))
+                                            calibration=lambda: _calibration_images(target, spec),
+                                            point=point))
     return tasks
 
 
