@@ -3,7 +3,7 @@
 Every recipe is a delta on ``configs/base.py`` (ImageNet ones on ``configs/imagenet_base.py``),
 imported as a module. The pinned values are the recipes' as they stood before that refactor
 (when each file ran another through ``runpy``), so a base change that leaks into a recipe shows
-here. ``test_training.py`` validates the same configs against ``validate_config``.
+here. ``test_training_step.py`` validates the same configs against ``validate_config``.
 """
 
 import ast

@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from test_layout import GRAPH, MODULES
 
 PACKAGE = "kure_jax.data"
@@ -17,6 +18,7 @@ def test_the_interface_knows_no_implementation():
     assert registry_users == {PACKAGE}  # only the package re-exports it
 
 
+@pytest.mark.slow
 def test_importing_kure_jax_data_does_not_import_tensorflow():
     """Every module but ``preprocess`` (TensorFlow code throughout) imports TensorFlow lazily."""
     names = ", ".join(sorted(set(DATA) - {f"{PACKAGE}.preprocess"}))

@@ -83,6 +83,7 @@ def _kernels(trained):
             if name.endswith("kernel")}
 
 
+@pytest.mark.slow
 def test_the_float_exports_give_the_jax_logits(trained):
     for result in (_litert(trained, "float"), _ort(trained, onnx_runtime.OrtScheme(
             weight_bits=None))):
@@ -91,6 +92,7 @@ def test_the_float_exports_give_the_jax_logits(trained):
         assert result.accuracy == pytest.approx(trained["accuracy"])
 
 
+@pytest.mark.slow
 def test_litert_int8_graph_holds_per_channel_int8_kernels(trained):
     result = _litert(trained, "int8")
     assert result.ok, result.error
@@ -107,6 +109,7 @@ def test_litert_int8_graph_holds_per_channel_int8_kernels(trained):
     assert len(model) < 0.5 * _litert(trained, "float").model_bytes
 
 
+@pytest.mark.slow
 def test_onnx_quantized_graphs_hold_int8_and_int4_kernels(trained):
     kernels = _kernels(trained)
     for bits, onnx_type in ((8, "INT8"), (4, "INT4")):
@@ -118,6 +121,7 @@ def test_onnx_quantized_graphs_hold_int8_and_int4_kernels(trained):
             assert kernel.size in sizes, f"{name} is not stored as {onnx_type}"
 
 
+@pytest.mark.slow
 def test_int8_per_channel_accuracy_matches_our_emulation(trained):
     ours = _emulated_accuracy(trained, QuantPolicy(bits=8, axis=-1))
     lite = _litert(trained, "int8")
@@ -130,6 +134,7 @@ def test_int8_per_channel_accuracy_matches_our_emulation(trained):
     assert abs(ours - trained["accuracy"]) <= ONE_POINT
 
 
+@pytest.mark.slow
 def test_ort_per_tensor_and_symmetric_activations_match_our_emulation(trained):
     ours = _emulated_accuracy(trained, QuantPolicy(bits=8))
     per_tensor = _ort(trained, onnx_runtime.OrtScheme(per_channel=False))
@@ -142,6 +147,7 @@ def test_ort_per_tensor_and_symmetric_activations_match_our_emulation(trained):
         assert abs(result.accuracy - ours) <= ONE_POINT, result
 
 
+@pytest.mark.slow
 def test_every_ort_calibrator_and_int4_weights_run(trained):
     rows = {}
     for scheme in onnx_runtime.SCHEMES:

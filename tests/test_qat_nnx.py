@@ -180,6 +180,7 @@ class NNXDigits(nnx.Module):
         return self.head(x.reshape(x.shape[0], -1))
 
 
+@pytest.mark.slow
 def test_nnx_qat_trains_the_digits_like_the_linen_path():
     """W4A4 LSQ QAT of a small CNN on the shipped MNIST digits, Linen vs NNX, same init."""
     from kure_jax.data import load_mnist5k

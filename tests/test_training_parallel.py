@@ -160,6 +160,7 @@ def test_process_slices_partition_the_global_batch():
         process_slice(32, 4, 4)
 
 
+@pytest.mark.slow
 def test_checkpoints_move_between_pmap_and_jit(config, tmp_path):
     # The checkpoint holds one (unreplicated) copy of the state, whatever wrote it: a run
     # interrupted under pmap resumes under jit and ends where a jit-only run ends.

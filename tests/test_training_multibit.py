@@ -266,6 +266,7 @@ def matryoshka_tiny():
     return config
 
 
+@pytest.mark.slow
 def test_resume_is_bit_exact_with_per_width_batch_stats(tmp_path):
     straight = train_and_evaluate(matryoshka_tiny(), tmp_path / "straight")
     first = train_and_evaluate(matryoshka_tiny(), tmp_path / "resumed", stop_at_step=4)
@@ -305,6 +306,7 @@ def test_learned_quantizers_with_several_widths_are_refused():
         validate_config(single_width)
 
 
+@pytest.mark.slow
 def test_command_line_sets_the_widths(tmp_path):
     # A tuple override reaches validate_config: repeated widths fail at start-up, before any
     # compilation, with the one-line error of train.py.
@@ -320,6 +322,7 @@ def test_command_line_sets_the_widths(tmp_path):
         result.stderr + result.stdout)
 
 
+@pytest.mark.slow
 def test_train_cli_runs_the_matryoshka_config(tmp_path, persistent_compilation_cache):
     env = dict(os.environ, JAX_PLATFORMS="cpu",
                JAX_COMPILATION_CACHE_DIR=str(persistent_compilation_cache),

@@ -44,6 +44,7 @@ def read_metrics(workdir):
     return [json.loads(line) for line in lines]
 
 
+@pytest.mark.slow
 def test_resume_is_bit_exact(tmp_path, straight):
     _, expected = straight
     # Stop at step 4 (between the checkpoints at 3 and 6), then resume to the end. The
@@ -67,6 +68,7 @@ def test_resume_is_bit_exact(tmp_path, straight):
     assert ("train", 4) in steps and ("eval", 6) in steps
 
 
+@pytest.mark.slow
 def test_metrics_jsonl_records(straight):
     workdir, result = straight
     records = read_metrics(workdir)
@@ -82,6 +84,7 @@ def test_metrics_jsonl_records(straight):
     assert evals[-1]["count"] == 1000
 
 
+@pytest.mark.slow
 def test_best_checkpoint_has_the_highest_eval_accuracy(straight):
     workdir, _ = straight
     evals = [r for r in read_metrics(workdir) if r["kind"] == "eval"]
@@ -90,6 +93,7 @@ def test_best_checkpoint_has_the_highest_eval_accuracy(straight):
 
 
 @pytest.mark.parametrize("which", ["latest", "best"])
+@pytest.mark.slow
 def test_restore_for_eval_rebuilds_model_without_flags(straight, which):
     workdir, result = straight
     config, model, variables = restore_for_eval(workdir, which=which)
@@ -107,6 +111,7 @@ def test_restore_for_eval_rebuilds_model_without_flags(straight, which):
     jax.tree.map(np.testing.assert_array_equal, same["params"], result.state.params)
 
 
+@pytest.mark.slow
 def test_restore_for_eval_errors(tmp_path, straight):
     with pytest.raises(FileNotFoundError, match="No checkpoint"):
         restore_for_eval(tmp_path)
@@ -114,6 +119,7 @@ def test_restore_for_eval_errors(tmp_path, straight):
         restore_for_eval(straight[0], which="first")
 
 
+@pytest.mark.slow
 def test_damaged_checkpoint_raises_one_error_and_prints_nothing(tmp_path, straight):
     # A fresh interpreter, so that the late TensorStore callbacks up to its exit are included.
     damaged = shutil.copytree(straight[0], tmp_path / "damaged")
@@ -159,6 +165,7 @@ def test_only_closed_loop_callbacks_are_dropped(monkeypatch):
     assert [u.exc_type for u in seen] == [RuntimeError, ValueError]
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_without_saving_the_bad_state(tmp_path):
     # A checkpoint after every step: without the guard the diverged state would be saved.
     config = tiny_config(learning_rate=100.0, checkpoint_every_steps=1, eval_every_steps=100)
@@ -173,6 +180,7 @@ def test_non_finite_loss_stops_without_saving_the_bad_state(tmp_path):
         assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(variables))
 
 
+@pytest.mark.slow
 def test_init_from_starts_qat_from_a_previous_run(tmp_path, straight):
     pytest.importorskip("kure_jax.qat")
     source, _ = straight
@@ -204,6 +212,7 @@ def _interrupt_after(monkeypatch, step):
     monkeypatch.setattr(metrics.Progress, "update", update)
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_the_last_step_and_resumes_bit_exact(tmp_path, straight, monkeypatch):
     _, expected = straight
     _interrupt_after(monkeypatch, 5)  # between the checkpoints at 3 and 6
@@ -217,6 +226,7 @@ def test_ctrl_c_saves_the_last_step_and_resumes_bit_exact(tmp_path, straight, mo
                  (expected.state.params, expected.state.opt_state))
 
 
+@pytest.mark.slow
 def test_ctrl_c_does_not_save_a_non_finite_state(tmp_path, monkeypatch):
     # lr 100 diverges within a few steps. With no log, eval or checkpoint before the last
     # step, nothing is checked before the interrupt after step 5: the save on interrupt must
@@ -232,6 +242,7 @@ def test_ctrl_c_does_not_save_a_non_finite_state(tmp_path, monkeypatch):
     assert not [p for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit()]
 
 
+@pytest.mark.slow
 def test_train_cli_ctrl_c_exits_130_after_saving(tmp_path):
     workdir = tmp_path / "run"
     metrics = workdir / "metrics.jsonl"

@@ -14,7 +14,8 @@ from _training_helpers import ROOT, load_config
 from kure_jax.training import restore_for_eval, train_and_evaluate
 from kure_jax.training.loop import StartupError
 
-pytestmark = pytest.mark.usefixtures("persistent_compilation_cache")
+# Every test uses the module fixture's trained source run.
+pytestmark = [pytest.mark.usefixtures("persistent_compilation_cache"), pytest.mark.slow]
 
 
 def _config(**overrides):

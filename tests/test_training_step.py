@@ -364,12 +364,14 @@ def run_cli(*args, cwd, cache=None):
     )
 
 
+@pytest.mark.slow
 def test_cli_rejects_misspelt_fields(tmp_path):
     result = run_cli("--config.num_epoch=2", cwd=tmp_path)
     assert result.returncode != 0
     assert "num_epoch" in result.stderr
 
 
+@pytest.mark.slow
 def test_cli_trains_and_writes_metrics(tmp_path, persistent_compilation_cache):
     config = f"{ROOT / 'configs' / 'mnist5k_kure.py'}:tiny"
     # The tiny config as the checkpoint tests run it, so its programs come from the cache.
@@ -384,6 +386,7 @@ def test_cli_trains_and_writes_metrics(tmp_path, persistent_compilation_cache):
     assert (workdir / "checkpoints" / "6").is_dir()
 
 
+@pytest.mark.slow
 def test_default_config_learns_mnist5k(tmp_path):
     # The real default (model, data, optimizer, KURE) for 2 of its 10 epochs; the full run
     # reaches about 98% (see the report in configs/mnist5k_kure.py).

@@ -13,6 +13,9 @@ import time
 import pytest
 from _training_helpers import ROOT
 
+# Every test starts train.py in a new process.
+pytestmark = pytest.mark.slow
+
 CONFIGS = ROOT / "configs"
 
 

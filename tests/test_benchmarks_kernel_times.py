@@ -44,6 +44,7 @@ def traced(tmp_path_factory):
     return root, json.loads((root / "kernel_times.json").read_text())
 
 
+@pytest.mark.slow
 def test_every_jnp_op_is_profiled(traced):
     _, rows = traced
     ops = import_benchmark("fake_quant_throughput")._ops(True)
@@ -71,6 +72,7 @@ def test_per_kernel_profile_takes_medians_over_calls():
                                     {"name": "b", "launches": 1, "us": 0.002}]
 
 
+@pytest.mark.slow
 def test_marker_fallback_matches_module_names(traced):
     root, _ = traced
     kt = import_benchmark("kernel_times")

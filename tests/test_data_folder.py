@@ -175,6 +175,7 @@ def tiny_config():
     return config
 
 
+@pytest.mark.slow
 def test_training_runs_on_the_folder(digits, tmp_path):
     config = tiny_config()
     config.dataset_options = ml_collections.ConfigDict(

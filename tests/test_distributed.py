@@ -24,6 +24,8 @@ TRAIN = [sys.executable, str(ROOT / "train.py"),
          "--config.num_train_steps=4", "--config.eval_every_steps=4",
          "--config.checkpoint_every_steps=4", "--config.log_every_steps=2"]
 TIMEOUT_S = 300
+# Every test reads the runs of the module fixture: train.py in 1 + 2 processes.
+pytestmark = pytest.mark.slow
 
 
 def _env(devices):

@@ -44,6 +44,7 @@ def run(tmp_path_factory):
     return out, summary
 
 
+@pytest.mark.slow
 def test_every_stage_ran_and_train_and_eval_saw_8_cpu_devices(run):
     out, summary = run
     assert summary["ok"] and list(summary["stages"]) == ["convert", "train", "eval"]
@@ -56,6 +57,7 @@ def test_every_stage_ran_and_train_and_eval_saw_8_cpu_devices(run):
     assert len(summary["stages"]["train"]["step_seconds"]) == STEPS
 
 
+@pytest.mark.slow
 def test_conversion_wrote_the_torchvision_weights(run):
     out, _ = run
     assert (out / "tv_resnet18" / "checkpoints" / "0").is_dir()
@@ -70,6 +72,7 @@ def test_conversion_wrote_the_torchvision_weights(run):
                                   torch_names["layer3.0.downsample.1.running_var"])
 
 
+@pytest.mark.slow
 def test_train_ran_from_the_converted_weights(run):
     out, _ = run
     records = [json.loads(line) for line in (out / "train" / "metrics.jsonl").read_text()
@@ -107,6 +110,7 @@ def test_train_ran_from_the_converted_weights(run):
     assert min(changes.values()) > 0, changes
 
 
+@pytest.mark.slow
 def test_eval_report_has_fp_and_quantized_points_over_the_mock_split(run):
     out, _ = run
     data = json.loads((out / "eval" / "results.json").read_text())
@@ -126,6 +130,7 @@ def test_eval_report_has_fp_and_quantized_points_over_the_mock_split(run):
     assert "W4A4" in report and (out / "eval" / "results.csv").is_file()
 
 
+@pytest.mark.slow
 def test_eval_reads_the_dataset_options_the_checkpoint_was_trained_with(run, tmp_path):
     import tensorflow_datasets as tfds
 
