@@ -32,10 +32,12 @@ LeafPredicate = Callable[[Path, Any], bool]
 
 __all__ = [
     "PAPER_LAYERS",
+    "RULE_NAMES",
     "LayerRule",
     "LeafPredicate",
     "Path",
     "Selection",
+    "as_rule",
     "default_selection",
     "edge_layers",
     "layer_path",
@@ -294,6 +296,39 @@ class LayerRule:
 
 #: The paper's layers: every conv/dense kernel but the first layer and the classifier.
 PAPER_LAYERS = LayerRule(skip_first=True, skip_last_dense=True)
+
+
+#: The rule names a config may give instead of a :class:`LayerRule` (see :func:`as_rule`).
+RULE_NAMES: tuple[str, ...] = ("paper", "kernels")
+
+
+def as_rule(value: str | LayerRule | None) -> LayerRule:
+    """A config's layer selection as a :class:`LayerRule`: the one place rule names are read.
+
+    Args:
+      value: ``"paper"`` (:data:`PAPER_LAYERS`: every conv/dense kernel but the first layer and
+        the last dense layer), ``"kernels"`` or ``None`` (``LayerRule()``: every conv/dense
+        kernel), or a :class:`LayerRule`, returned unchanged.
+
+    Returns:
+      The rule.
+
+    Raises:
+      ValueError: for anything else; the message lists the accepted names.
+
+    >>> as_rule("paper") == PAPER_LAYERS
+    True
+    >>> as_rule("kernels")
+    LayerRule(include='.*', exclude=None, skip_first=False, skip_last_dense=False)
+    """
+    if isinstance(value, LayerRule):
+        return value
+    if value is None or value == "kernels":
+        return LayerRule()
+    if value == "paper":
+        return PAPER_LAYERS
+    raise ValueError(f"A layer selection must be one of {list(RULE_NAMES)} or a LayerRule; "
+                     f"got {value!r}.")
 
 
 def paper_selection(

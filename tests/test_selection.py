@@ -7,7 +7,14 @@ import numpy as np
 import pytest
 
 import kure_jax
-from kure_jax.selection import edge_layers, paper_selection, path_to_str, select, selection_mask
+from kure_jax.selection import (
+    as_rule,
+    edge_layers,
+    paper_selection,
+    path_to_str,
+    select,
+    selection_mask,
+)
 
 
 class TwelveConvNet(nn.Module):
@@ -183,3 +190,22 @@ def test_edge_layers():
     assert edge_layers(layers, first=False, last_dense=True) == {"d"}
     assert edge_layers([("a", False)], first=False, last_dense=True) == set()
     assert edge_layers([], first=True, last_dense=True) == set()
+
+
+@pytest.mark.parametrize("value, expected", [
+    ("paper", ["block1/conv1", "block1/conv2", "fc"]),
+    ("kernels", ["stem", "block1/conv1", "block1/conv2", "fc", "head"]),
+    (None, ["stem", "block1/conv1", "block1/conv2", "fc", "head"]),
+    (kure_jax.LayerRule(include="fc"), ["fc"]),
+])
+def test_as_rule_reads_config_names(value, expected):
+    assert as_rule(value).layers(RULE_PARAMS) == expected
+
+
+def test_as_rule_returns_a_rule_unchanged_and_names_the_choices():
+    rule = kure_jax.LayerRule(exclude="head")
+    assert as_rule(rule) is rule
+    with pytest.raises(ValueError, match=r"\['paper', 'kernels'\].*'all'"):
+        as_rule("all")
+    with pytest.raises(ValueError, match="one of"):
+        as_rule(3)

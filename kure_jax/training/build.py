@@ -9,10 +9,10 @@ import flax.linen as nn
 import jax.numpy as jnp
 import ml_collections
 
-from kure_jax import PAPER_LAYERS, QATConfig
+from kure_jax import QATConfig
 from kure_jax.models import get_model
 from kure_jax.qat.linen import rule_predicate
-from kure_jax.selection import LeafPredicate
+from kure_jax.selection import LayerRule, LeafPredicate, as_rule
 from kure_jax.training.multibit import MULTIBIT_FIELDS
 from kure_jax.training.step import StepConfig
 
@@ -138,9 +138,9 @@ def kure_selection(
 ) -> LeafPredicate | None:
     """``config.kure.selection`` as a predicate for :func:`kure_jax.penalty`.
 
-    ``"kernels"`` -> ``None`` (every conv/dense kernel); ``"paper"`` ->
-    :data:`kure_jax.PAPER_LAYERS` (all but the first layer and the classifier) in the call
-    order of an abstract ``model.init`` (:func:`kure_jax.qat.linen.rule_predicate`).
+    The value is read by :func:`kure_jax.selection.as_rule`: ``"kernels"`` -> ``None`` (every
+    conv/dense kernel); ``"paper"`` or another rule -> the rule resolved in the call order of
+    an abstract ``model.init`` (:func:`kure_jax.qat.linen.rule_predicate`).
 
     Args:
       config: a training config.
@@ -150,13 +150,10 @@ def kure_selection(
     Raises:
       ValueError: for another selection name, or if the rule leaves no layer.
     """
-    if config.kure.selection == "kernels":
+    rule = as_rule(config.kure.selection)
+    if rule == LayerRule():
         return None
-    if config.kure.selection != "paper":
-        raise ValueError(
-            f"config.kure.selection must be 'kernels' or 'paper'; got {config.kure.selection!r}."
-        )
-    return rule_predicate(PAPER_LAYERS, model, input_shape, train=False)
+    return rule_predicate(rule, model, input_shape, train=False)
 
 
 def step_config(

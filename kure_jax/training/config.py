@@ -18,6 +18,7 @@ import ml_collections
 from kure_jax.kernels import IMPLS
 from kure_jax.kurtosis import REDUCTIONS
 from kure_jax.models import MODEL_NAMES
+from kure_jax.selection import RULE_NAMES, as_rule
 from kure_jax.training.multibit import check_options
 
 __all__ = [
@@ -37,7 +38,7 @@ OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "cosine", "step")
 DTYPES = ("float32", "bfloat16")
 PARALLEL_MODES = ("jit", "pmap")
-SELECTIONS = ("kernels", "paper")
+SELECTIONS = RULE_NAMES  # read by kure_jax.selection.as_rule
 
 
 def _choice(value: Any, allowed: tuple[str, ...], field: str) -> None:
@@ -79,7 +80,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     _choice(config.schedule.name, SCHEDULES, "schedule.name")
     _choice(config.dtype, DTYPES, "dtype")
     _choice(config.parallel, PARALLEL_MODES, "parallel")
-    _choice(config.kure.selection, SELECTIONS, "kure.selection")
+    try:
+        as_rule(config.kure.selection)
+    except ValueError as error:
+        raise ValueError(f"config.kure.selection: {error}") from None
     _choice(config.kure.reduction, REDUCTIONS, "kure.reduction")
     # Configs written before the field existed (e.g. in old checkpoints) mean "auto".
     _choice(config.kure.get("penalty_impl", "auto"), IMPLS, "kure.penalty_impl")
