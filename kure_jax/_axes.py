@@ -1,4 +1,4 @@
-"""Axis normalisation shared by :mod:`kure_jax.kurtosis` and :mod:`kure_jax.policy`."""
+"""Axis normalisation shared by :mod:`kure_jax.kurtosis` and :mod:`kure_jax.quant.policy`."""
 
 from __future__ import annotations
 

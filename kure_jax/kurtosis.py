@@ -33,7 +33,6 @@ from jax.typing import ArrayLike
 
 from kure_jax import kernels
 from kure_jax._axes import canonical_axes
-from kure_jax._deprecation import deprecated_getattr
 from kure_jax.selection import LeafPredicate, select
 
 PyTree = Any
@@ -502,10 +501,3 @@ def _static_axis(axis: Axis | jax.Array) -> Axis:
             raise ValueError(f"axis must be None, an int or a tuple of ints; got {axis!r}.")
         return int(axis)
     return axis
-
-
-__getattr__ = deprecated_getattr(__name__, {
-    "reduce_penalty_terms": (
-        "kure_jax.kurtosis.reduce_penalty_terms is deprecated: use penalty or "
-        "penalty_and_kurtosis, which reduce the terms themselves.", _reduce_terms),
-})

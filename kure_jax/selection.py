@@ -70,9 +70,23 @@ def _flatten(params: PyTree) -> tuple[list[tuple[Path, Any]], Any]:
     return named, treedef
 
 
-def path_to_str(path: Path) -> str:
-    """Joins a key path with ``/``: ``("params", "Conv_0", "kernel") -> "params/Conv_0/kernel"``."""
-    return "/".join(path)
+def path_to_str(path: Sequence[Any]) -> str:
+    """Joins a key path with ``/``: ``("params", "Conv_0", "kernel") -> "params/Conv_0/kernel"``.
+
+    Args:
+      path: string keys, or a JAX key path as ``jax.tree_util.tree_flatten_with_path`` gives
+        it (``DictKey``, ``SequenceKey``, ``GetAttrKey``, ...; an NNX variable's trailing
+        ``.value`` is dropped, as in every selection).
+
+    Returns:
+      The keys joined with ``/``.
+
+    >>> import jax
+    >>> [(path, _)] = jax.tree_util.tree_flatten_with_path({"conv": [{"kernel": 1}]})[0]
+    >>> path_to_str(path)
+    'conv/0/kernel'
+    """
+    return "/".join(_path_names(tuple(path)))
 
 
 def _ndim(leaf: Any) -> int:
@@ -178,9 +192,12 @@ def _strip_params(path: Path) -> Path:
     return path[1:] if path[:1] == ("params",) else path
 
 
-def layer_path(path: Path) -> str:
-    """The layer of a kernel's path: ``("params", "b1", "conv1", "kernel") -> "b1/conv1"``."""
-    return path_to_str(_strip_params(tuple(path))[:-1])
+def layer_path(path: Sequence[Any]) -> str:
+    """The layer of a kernel's path: ``("params", "b1", "conv1", "kernel") -> "b1/conv1"``.
+
+    ``path`` holds string keys or JAX key entries, as :func:`path_to_str`.
+    """
+    return "/".join(_strip_params(_path_names(tuple(path)))[:-1])
 
 
 def edge_layers(layers: Sequence[tuple[str, bool]], *, first: bool, last_dense: bool) -> set[str]:

@@ -3,8 +3,7 @@
 The kernels run through the core's ``impl="pallas"`` (``kure_jax.fake_quant``,
 ``kure_jax.quantize``, ``kure_jax.penalty``, ``kurtosis_many``, ``tensor_moments``). References:
 the same functions with ``impl="jnp"`` (themselves tested against NumPy), NumPy float64 moments
-written here, and ``jax.grad`` of the jnp ``kure_jax.penalty``. The deprecated
-``kure_jax.kernels`` entry points are checked at the end.
+written here, and ``jax.grad`` of the jnp ``kure_jax.penalty``.
 Small blocks make every shape span several tiles with partial edge tiles. The Triton (CUDA) and
 Mosaic (TPU) lowerings are checked with ``jax.export`` from CPU: that runs the Pallas lowering
 (unsupported primitives, block-shape rules) but not the Triton/Mosaic compilers themselves.
@@ -555,53 +554,3 @@ def test_penalty_equal_across_impls(reduction):
     np.testing.assert_allclose(value, values["jnp"], rtol=2e-5)
     np.testing.assert_allclose(kurt, kure_jax.kurtosis_many(
         [leaf for _, leaf in kure_jax.select(params)]), rtol=2e-6)
-
-
-# ---------------------------------------------------------------------------------------------
-# The deprecated kure_jax.kernels entry points: a warning, then the old defaults and results.
-
-
-def _deprecated(name):
-    with pytest.warns(DeprecationWarning, match=f"kernels.{name} is deprecated"):
-        return getattr(kernels, name)
-
-
-def test_deprecated_fake_quant_and_absmax_fake_quant():
-    x, s, key = _normal((13, 10)), _step(()), jax.random.key(1)
-    fq = _deprecated("fake_quant")
-    for kw in ({}, {"rounding": "stochastic", "key": key}):  # Hash noise on jnp too, as before.
-        want = kure_jax.fake_quant(x, s, bits=4, impl="jnp", noise="hash", **kw)
-        np.testing.assert_array_equal(fq(x, s, bits=4, impl="jnp", **kw), want)
-        np.testing.assert_array_equal(fq(x, s, bits=4, **PALLAS, **kw), want)
-    absmax = _deprecated("absmax_fake_quant")
-    policy = QuantPolicy(bits=4, axis=-1)
-    np.testing.assert_array_equal(absmax(x, bits=4, axis=-1, step_ratio=0.9, **PALLAS),
-                                  kure_jax.quantize(x, policy, step_ratio=0.9))
-
-
-def test_deprecated_moments_kurtosis_and_penalty():
-    params = _params()
-    leaves = [leaf for _, leaf in kure_jax.select(params)]
-    np.testing.assert_array_equal(_deprecated("penalty")(params, **PALLAS),
-                                  kure_jax.penalty(params, **PALLAS))
-    np.testing.assert_array_equal(_deprecated("kurtosis_many")(leaves, impl="jnp"),
-                                  kure_jax.kurtosis_many(leaves))
-    moments = _deprecated("tensor_moments")(leaves, impl="jnp")
-    moments_type = _deprecated("Moments")
-    assert moments_type is kure_jax.Moments and isinstance(moments, moments_type)
-    for got, want in zip(moments, kure_jax.tensor_moments(leaves), strict=True):
-        np.testing.assert_array_equal(got, want)
-    with pytest.raises(AttributeError):
-        kernels.no_such_name  # noqa: B018
-
-
-def test_deprecated_entry_points_keep_the_old_default_impl(monkeypatch):
-    # impl=None ($KURE_JAX_KERNELS, else "auto"), where the core functions default to "jnp".
-    monkeypatch.setenv(_config.ENV_VAR, "pallas")
-    x = _normal((13, 10))
-    fq = _deprecated("fake_quant")
-    assert _uses_pallas(lambda x: fq(x, 0.5, bits=4, interpret=True), x)
-    assert not _uses_pallas(lambda x: kure_jax.fake_quant(x, 0.5, bits=4), x)
-    pen = _deprecated("penalty")
-    assert _uses_pallas(lambda p: pen(p, interpret=True), _params())
-    assert not _uses_pallas(kure_jax.penalty, _params())

@@ -346,10 +346,3 @@ def test_penalty_and_kurtosis_is_the_penalty_and_its_kurtosis(reduction):
     g = jax.grad(lambda p: kure_jax.penalty_and_kurtosis(p, reduction=reduction)[0])(params)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8), g,
                  jax.grad(functools.partial(penalty, reduction=reduction))(params))
-
-
-def test_reduce_penalty_terms_is_deprecated():
-    terms = jnp.array([1.0, 3.0])
-    with pytest.warns(DeprecationWarning, match="reduce_penalty_terms is deprecated"):
-        from kure_jax.kurtosis import reduce_penalty_terms
-    assert float(reduce_penalty_terms(terms, "max")) == 3.0

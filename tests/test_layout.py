@@ -2,16 +2,13 @@
 
 The layer order below is the architecture (README "Layout"); a new module gets a layer here.
 Imports are read with ``ast`` (module level and inside functions alike), so a deferred import
-counts as an import. A deprecation shim in a low layer that returns a name now living higher up
-(``kure_jax.kernels``' old ``penalty``) names it with ``kure_jax._deprecation.Lazy``, resolved
-on first access, not by an import.
+counts as an import.
 """
 
 from __future__ import annotations
 
 import ast
 import pathlib
-import warnings
 
 import pytest
 
@@ -21,7 +18,7 @@ ROOT = pathlib.Path(kure_jax.__file__).resolve().parent
 
 # Bottom to top. A module may import its own layer (acyclically) and the layers below it.
 LAYERS: list[tuple[str, ...]] = [
-    ("kure_jax._axes", "kure_jax._arrays", "kure_jax._deprecation", "kure_jax._distributed",
+    ("kure_jax._axes", "kure_jax._arrays", "kure_jax._distributed",
      "kure_jax._interrupts", "kure_jax.theory"),
     # Backends only: the Pallas kernels and their dispatch settings, below the core that calls them.
     ("kure_jax.kernels",),
@@ -30,9 +27,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("kure_jax.quant",),
     ("kure_jax.qat",),
     # The package root re-exports the core above; the layers below may use its public names.
-    # The deprecation shims (old module paths, kernels' old entry points) live at this level.
-    ("kure_jax", "kure_jax.policy", "kure_jax.ptq", "kure_jax.qat_ops",
-     "kure_jax._kernel_aliases"),
+    ("kure_jax",),
     ("kure_jax.models", "kure_jax.data"),
     ("kure_jax.training",),
     ("kure_jax.deploy",),
@@ -147,7 +142,7 @@ def test_kernels_are_backends_below_the_core():
     # kure_jax.kernels imports only low-level helpers; the core calls the kernels, never back.
     outside = {dep for name in MODULES if name.startswith("kure_jax.kernels")
                for dep in GRAPH[name] if not dep.startswith("kure_jax.kernels")}
-    assert outside <= {"kure_jax._arrays", "kure_jax._axes", "kure_jax._deprecation"}, outside
+    assert outside <= {"kure_jax._arrays", "kure_jax._axes"}, outside
     users = {name for name, deps in GRAPH.items() if any(d.startswith("kure_jax.kernels")
                                                          for d in deps)}
     assert {"kure_jax.quant.ops", "kure_jax.quant.policy", "kure_jax.kurtosis"} <= users
@@ -160,21 +155,3 @@ def test_the_layer_check_would_catch_an_upward_import():
     assert _layer("kure_jax.kernels") < _layer("kure_jax.quant.ops")
     assert _private_owner("kure_jax.quant", "_check") == "kure_jax.quant"
     assert _private_owner("kure_jax.kernels._ops", "key_words") == "kure_jax.kernels"
-
-
-@pytest.mark.parametrize("old, name, new", [
-    ("policy", "QuantPolicy", kure_jax.QuantPolicy),
-    ("ptq", "quantize_params", kure_jax.quantize_params),
-    ("qat_ops", "dorefa_weight", kure_jax.dorefa_weight),
-])
-def test_moved_modules_still_work_with_a_deprecation_warning(old, name, new):
-    import importlib
-
-    module = importlib.import_module(f"kure_jax.{old}")
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        assert getattr(module, name) is new
-    assert any(issubclass(w.category, DeprecationWarning) and "moved" in str(w.message)
-               for w in caught)
-    with pytest.raises(AttributeError):
-        module.no_such_name  # noqa: B018

@@ -209,3 +209,21 @@ def test_as_rule_returns_a_rule_unchanged_and_names_the_choices():
         as_rule("all")
     with pytest.raises(ValueError, match="one of"):
         as_rule(3)
+
+
+def test_path_helpers_take_jax_key_paths():
+    # As a user would call them: straight from jax.tree_util.tree_flatten_with_path.
+    tree = {"params": {"block": [{"conv": {"kernel": np.ones((3, 3, 1, 2))}}]}}
+    [(path, _)] = jax.tree_util.tree_flatten_with_path(tree)[0]
+    assert isinstance(path[0], jax.tree_util.DictKey)
+    assert path_to_str(path) == "params/block/0/conv/kernel"
+    assert kure_jax.selection.layer_path(path) == "block/0/conv"
+    assert path_to_str(("params", "conv", "kernel")) == "params/conv/kernel"  # strings still
+
+
+def test_path_to_str_drops_the_nnx_value_attribute():
+    from flax import nnx
+
+    model = nnx.Linear(2, 3, rngs=nnx.Rngs(0))
+    paths = [path for path, _ in jax.tree_util.tree_flatten_with_path(nnx.state(model))[0]]
+    assert sorted(path_to_str(p) for p in paths) == ["bias", "kernel"]

@@ -397,39 +397,3 @@ def test_default_config_learns_mnist5k(tmp_path):
     kurtosis = list(result.eval_metrics["kurtosis"].values())
     assert max(kurtosis) < 2.5  # KURE has pulled every regularised kernel towards 1.8
 
-
-@pytest.mark.parametrize("module, old, new", [
-    ("kure_jax.training", "make_eval_step", "make_state_eval_step"),
-    ("kure_jax.training.step", "make_eval_step", "make_state_eval_step"),
-    ("kure_jax.training", "evaluate", "loop._evaluate"),
-    ("kure_jax.training.loop", "evaluate", "loop._evaluate"),
-])
-def test_renamed_names_warn_and_return_the_new_object(module, old, new):
-    # Renamed because kure_jax.evaluation has an evaluate / make_eval_step of its own.
-    import importlib
-    import operator
-
-    mod = importlib.import_module(module)
-    target = operator.attrgetter(new)(importlib.import_module("kure_jax.training"))
-    assert old not in mod.__all__
-    with pytest.warns(DeprecationWarning, match=f"{module}.{old} is deprecated"):
-        assert getattr(mod, old) is target
-    namespace = {}
-    with pytest.warns(DeprecationWarning, match=f"{module}.{old} is deprecated"):
-        exec(f"from {module} import {old}", namespace)  # the import statement takes it too
-    assert namespace[old] is target
-    with pytest.raises(AttributeError, match="has no attribute 'make_eval_stepp'"):
-        mod.make_eval_stepp  # noqa: B018
-
-
-def test_evaluation_names_are_not_deprecated():
-    import warnings
-
-    import kure_jax.evaluation
-    from kure_jax.evaluation import forward
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        assert kure_jax.evaluation.evaluate is forward.evaluate
-        assert kure_jax.evaluation.make_eval_step is forward.make_eval_step
-        assert kure_jax.evaluation.Metrics is forward.Metrics

@@ -20,17 +20,12 @@ kernels and the dispatch configuration:
 CPU users and CI never need Pallas: on CPU ``"auto"`` is the jnp path. See BENCHMARKS.md for
 what the kernels gain, and where they do not, per backend.
 
-The old entry points ``kernels.fake_quant``, ``absmax_fake_quant``, ``penalty``,
-``kurtosis_many``, ``tensor_moments`` and ``Moments`` still work, with a ``DeprecationWarning``
-(same defaults and results as before); use the core functions with ``impl=`` instead.
-
 >>> import jax.numpy as jnp
 >>> from kure_jax import kernels
 >>> kernels.fake_quant_pallas(jnp.array([0.26, -1.0, 3.0]), 0.5, qmin=-4, qmax=3, interpret=True)
 Array([ 0.5, -1. ,  1.5], dtype=float32)
 """
 
-from kure_jax._deprecation import Lazy, deprecated_getattr
 from kure_jax.kernels._config import AUTO_PALLAS_BACKENDS as AUTO_PALLAS_BACKENDS
 from kure_jax.kernels._config import ENV_VAR as ENV_VAR
 from kure_jax.kernels._config import IMPLS as IMPLS
@@ -62,21 +57,3 @@ __all__ = [
     "moments_problem",
     "resolve_impl",
 ]
-
-# The old entry points, now core functions above this package: resolved by name on first use
-# (kure_jax._kernel_aliases keeps their old defaults), so no import goes upward.
-_MOVED = {
-    "fake_quant": "kure_jax.fake_quant(..., impl=..., noise='hash')",
-    "absmax_fake_quant": "kure_jax.quantize(x, QuantPolicy(bits=..., axis=...), impl=...)",
-    "penalty": "kure_jax.penalty(..., impl=...)",
-    "kurtosis_many": "kure_jax.kurtosis_many(..., impl=...)",
-    "tensor_moments": "kure_jax.tensor_moments(..., impl=...)",
-    "Moments": "kure_jax.Moments",
-}
-__getattr__ = deprecated_getattr(__name__, {
-    name: (f"kure_jax.kernels.{name} is deprecated: use {new}; kure_jax.kernels holds only the "
-           "Pallas backends.", Lazy("kure_jax._kernel_aliases", name))
-    for name, new in _MOVED.items()
-})
-del Lazy, deprecated_getattr
-

@@ -38,13 +38,13 @@ class QATConfig:
 
         * ``"lsq"``: Esser et al.'s learned step ``s`` (``kure_jax.quant.fake_quant``, signed
           codes ``-2^(b-1) .. 2^(b-1) - 1``), initialised to ``2 mean|w| / sqrt(Q_p)``.
-        * ``"dorefa"``: ``kure_jax.qat_ops.dorefa_weight`` (tanh-normalised to [-1, 1]).
+        * ``"dorefa"``: ``kure_jax.quant.dorefa_weight`` (tanh-normalised to [-1, 1]).
           Scale-free: the float scale of the kernel is lost, so follow every DoReFa layer
           with a normalisation (BatchNorm), as DoReFa-Net and ResNets do; a quantised dense
           layer without one (e.g. ``small_cnn``'s ``hidden`` unless ``hidden_norm=True``)
           outputs ~``1 / max|tanh(w)|`` times its float values and training collapses.
         * ``"learned_clip"``: the KURE reference's "LSQ": a learned clip ``alpha`` per tensor
-          (``kure_jax.qat_ops.learned_clip_quant``), initialised to ``max|w|``.
+          (``kure_jax.quant.learned_clip_quant``), initialised to ``max|w|``.
         * ``"max"``: step ``max|w| / (2^(b-1) - 1)`` recomputed from the current kernel at every
           call, no learned state; straight-through gradient, no gradient through the step.
 
@@ -55,7 +55,7 @@ class QATConfig:
       act_quantizer: input quantizer, one of ``QUANTIZERS``:
 
         * ``"lsq"``: learned step, initialised to ``2 mean|x| / sqrt(Q_p)`` on the init batch.
-        * ``"dorefa"``: ``kure_jax.qat_ops.dorefa_activation``: clamp to [0, 1], ``2^b - 1`` levels
+        * ``"dorefa"``: ``kure_jax.quant.dorefa_activation``: clamp to [0, 1], ``2^b - 1`` levels
           (negative inputs become 0, as in DoReFa-Net).
         * ``"learned_clip"``: learned clip ``alpha``, initialised to ``max|x|`` of the init batch,
           so that nothing is clipped at the start.

@@ -3,9 +3,6 @@
 ``train.py`` only parses flags and calls :func:`train_and_evaluate`; tests call it directly.
 """
 
-from kure_jax._deprecation import deprecated_getattr as _deprecated_getattr
-from kure_jax.training import loop as _loop
-from kure_jax.training import step as _step
 from kure_jax.training.build import build_model as build_model
 from kure_jax.training.build import qat_config as qat_config
 from kure_jax.training.build import step_config as step_config
@@ -51,17 +48,3 @@ __all__ = [
     "train_and_evaluate",
     "validate_config",
 ]
-
-# Renamed (2026-12): the names collided with kure_jax.evaluation's evaluate / make_eval_step.
-__getattr__ = _deprecated_getattr(__name__, {
-    "evaluate": (
-        "kure_jax.training.evaluate is deprecated: train_and_evaluate evaluates during training; "
-        "to evaluate a model use kure_jax.evaluation.evaluate.",
-        _loop._evaluate,
-    ),
-    "make_eval_step": (
-        "kure_jax.training.make_eval_step is deprecated: use make_state_eval_step "
-        "(kure_jax.evaluation.make_eval_step is the evaluation engine's step).",
-        _step.make_state_eval_step,
-    ),
-})

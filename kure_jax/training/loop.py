@@ -13,7 +13,6 @@ import numpy as np
 from absl import logging
 
 from kure_jax import kurtosis_report
-from kure_jax._deprecation import deprecated_getattr
 from kure_jax._interrupts import interrupts_deferred
 from kure_jax.data import Dataset, get_dataset
 from kure_jax.training.build import build_model, qat_config, step_config
@@ -365,12 +364,3 @@ def train_and_evaluate(
         writer.close()
         checkpoints.close()
     return TrainResult(parallel.canonical_state(state), eval_metrics)
-
-
-__getattr__ = deprecated_getattr(__name__, {
-    "evaluate": (
-        "kure_jax.training.loop.evaluate is deprecated: train_and_evaluate evaluates during "
-        "training; to evaluate a model use kure_jax.evaluation.evaluate.",
-        _evaluate,
-    ),
-})

@@ -34,7 +34,6 @@ from kure_jax import (
     quantized_apply,
     select,
 )
-from kure_jax._deprecation import deprecated_getattr
 from kure_jax.selection import LeafPredicate
 from kure_jax.training import multibit as _multibit
 from kure_jax.training.state import TrainState
@@ -409,12 +408,3 @@ def _multibit_eval_step(
         return sums
 
     return eval_step
-
-
-__getattr__ = deprecated_getattr(__name__, {
-    "make_eval_step": (
-        "kure_jax.training.step.make_eval_step is deprecated: use make_state_eval_step (the "
-        "name kure_jax.evaluation.make_eval_step stays for the evaluation engine's step).",
-        make_state_eval_step,
-    ),
-})

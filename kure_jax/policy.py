@@ -1,5 +1,0 @@
-"""Deprecated: moved to :mod:`kure_jax.quant.policy` (the public names are also in ``kure_jax``)."""
-
-from kure_jax._deprecation import moved_module
-
-__getattr__ = moved_module("kure_jax.policy", "kure_jax.quant.policy")
