@@ -19,16 +19,16 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 
 
-def _load_hook():
-    spec = importlib.util.spec_from_file_location("_docs_reference_hook",
-                                                  DOCS / "_hooks" / "reference.py")
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"_docs_{name}", DOCS / "_hooks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up while it executes
     spec.loader.exec_module(module)
     return module
 
 
-hook = _load_hook()
+hook = _load("reference")
+docstrings = _load("griffe_docstrings")
 
 
 @pytest.fixture(scope="module")
@@ -101,3 +101,55 @@ def test_nav_lists_every_page_and_only_pages_that_exist():
     assert len(listed) == len(set(listed))
     assert (ROOT / "BENCHMARKS.md").is_file()
     assert any(hook.NAV_TITLE in item for item in config["nav"] if isinstance(item, dict))
+
+
+def test_docstring_rewrites_read_napoleon_habits_as_markdown():
+    text = "\n".join([
+        "Sum, as :func:`~kure_jax.kurtosis.penalty` does with :class:`Moments`::",
+        "",
+        "    y = f(x)",
+        "",
+        ".. math::",
+        "",
+        "   L = \\sum_i x_i",
+        "",
+        ">>> f(1)",
+        "['a'] ['b']",
+        "",
+        "Args:",
+        "  x: the input.",
+        "  where, axis: as in penalty,",
+        "    over two lines.",
+        "",
+        "Returns:",
+        "  y.",
+    ])
+    assert docstrings.rewrite(text).split("\n") == [
+        "Sum, as `penalty` does with `Moments`:",
+        "",
+        "    y = f(x)",
+        "",
+        "$$",
+        "L = \\sum_i x_i",
+        "$$",
+        "",
+        "```pycon",
+        ">>> f(1)",
+        "['a'] ['b']",
+        "```",
+        "",
+        "Args:",
+        "  x: the input.",
+        "  where: as in penalty,",
+        "    over two lines.",
+        "  axis: as in penalty,",
+        "    over two lines.",
+        "",
+        "Returns:",
+        "  y.",
+    ]
+
+
+def test_doctests_in_an_examples_section_are_left_to_griffe():
+    text = "Examples:\n  >>> f(1)\n  2"
+    assert docstrings.rewrite(text) == text
