@@ -16,9 +16,6 @@ from hypothesis import strategies as st
 
 from kure_jax.quant import formats
 
-# Compiling dominates; XLA's optimisation passes do not change IEEE results here.
-pytestmark = pytest.mark.usefixtures("fast_compiles")
-
 FLOAT_ELEMENTS = {
     "fp8_e4m3": ml_dtypes.float8_e4m3fn,
     "fp8_e5m2": ml_dtypes.float8_e5m2,
@@ -349,3 +346,27 @@ def test_names():
     assert custom.name == "fp4_e2m1 mx block8"
     assert formats.Format(element="fp4_e2m1", scale="mx", axis=-1).describe("a") == (
         "a mxfp4 axis=-1")
+
+
+def test_quantize_and_quantize_params_take_formats():
+    from kure_jax.quant.policy import quantize
+    from kure_jax.quant.ptq import quantize_params
+
+    rng = np.random.default_rng(5)
+    params = {"conv": {"kernel": rng.standard_normal((3, 3, 40, 4)).astype(np.float32),
+                       "bias": np.ones(4, np.float32)},
+              "dense": {"kernel": rng.standard_normal((70, 10)).astype(np.float32)}}
+    out = quantize_params(params, "nvfp4")
+    for layer in ("conv", "dense"):
+        np.testing.assert_array_equal(out[layer]["kernel"],
+                                      formats.fake_quant_format(params[layer]["kernel"], "nvfp4"))
+    assert out["conv"]["bias"] is params["conv"]["bias"]
+    fmt = formats.Format(element="int4", block_size=16)
+    np.testing.assert_array_equal(quantize(params["dense"]["kernel"], fmt),
+                                  formats.fake_quant_format(params["dense"]["kernel"], fmt))
+    with pytest.raises(ValueError, match="step_ratio"):
+        quantize_params(params, "mxfp4", step_ratio=1.1)
+    with pytest.raises(ValueError, match="step_ratio"):
+        quantize(params["dense"]["kernel"], "mxfp4", step_ratio=1.1)
+    with pytest.raises(ValueError, match="'t' of shape"):  # A scalar has no block axis.
+        quantize_params({"t": np.float32(2.0)}, "mxfp4", where=lambda path, leaf: True)

@@ -259,7 +259,7 @@ def round_element(x: ArrayLike, element: str) -> jax.Array:
       ValueError: for an unknown ``element`` or a non-floating ``x``.
 
     >>> round_element(jnp.array([0.2, 0.25, 0.76, 2.5, 5.1, 100.0]), "fp4_e2m1")
-    Array([0. , 0. , 1. , 2. , 6. , 6. ], dtype=float32)
+    Array([0., 0., 1., 2., 6., 6.], dtype=float32)
     """
     _check_choice("element", element, tuple(ELEMENTS))
     x = jnp.asarray(x)

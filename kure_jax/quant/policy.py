@@ -50,6 +50,7 @@ from jax.typing import ArrayLike
 
 from kure_jax import kernels
 from kure_jax._axes import canonical_axes
+from kure_jax.quant import formats
 from kure_jax.quant import ops as quant
 
 CLIP_METHODS: tuple[str, ...] = ("max", "mse", "aciq", "aciq_laplace", "percentile")
@@ -392,7 +393,7 @@ def _bias_correct(x: jax.Array, q: jax.Array, policy: QuantPolicy) -> jax.Array:
 
 def quantize(
     x: ArrayLike,
-    policy: QuantPolicy,
+    policy: QuantPolicy | formats.Format | str,
     *,
     key: jax.Array | None = None,
     step_ratio: ArrayLike | None = None,
@@ -413,7 +414,9 @@ def quantize(
 
     Args:
       x: floating array of any shape.
-      policy: the quantizer.
+      policy: the quantizer: a ``QuantPolicy``, or a data type (a
+        :class:`~kure_jax.quant.formats.Format` or preset name such as ``"mxfp4"``, see
+        :func:`quantize_format`).
       key: PRNG key, required when ``policy.rounding == "stochastic"``, ignored otherwise.
       step_ratio: optional scalar multiplying the step (see ``compute_step``).
       impl: ``"jnp"`` (default), ``"pallas"``, ``"auto"`` or ``None`` as in
@@ -437,7 +440,11 @@ def quantize(
 
     >>> quantize(jnp.array([-1.0, 0.2, 0.7]), QuantPolicy(bits=3))
     Array([-1.        ,  0.33333334,  0.6666667 ], dtype=float32)
+    >>> quantize(jnp.array([-1.0, 0.2, 0.7]), "mxfp4")
+    Array([-1.  ,  0.25,  0.75], dtype=float32)
     """
+    if isinstance(policy, formats.Format | str):
+        return quantize_format(x, policy, step_ratio=step_ratio, impl=impl)
     check_policy(policy)
     x = jnp.asarray(x)
     if policy.rounding == "stochastic" and key is None:
@@ -481,3 +488,28 @@ def _takes_absmax_kernel(x: jax.Array, policy: QuantPolicy, strict: bool) -> boo
     if problem is not None and strict:
         raise ValueError(f"impl='pallas' cannot handle {problem}; use impl='jnp' or 'auto'.")
     return problem is None and (strict or kernels.auto_takes_fake_quant(x.dtype, policy.rounding))
+
+
+def quantize_format(
+    x: ArrayLike,
+    fmt: formats.Format | str,
+    *,
+    step_ratio: ArrayLike | None = None,
+    impl: str | None = "jnp",
+) -> jax.Array:
+    """Fake-quantises ``x`` in a data type: :func:`kure_jax.quant.formats.fake_quant_format`.
+
+    The format's scales follow its own rule (absmax, OCP MX, NVFP4), so there is no step to
+    perturb and no kernel: ``step_ratio`` and ``impl="pallas"`` are refused.
+
+    Raises:
+      ValueError: for an unknown format, a ``step_ratio``, ``impl="pallas"``, or an input the
+        format refuses (see ``fake_quant_format``).
+    """
+    fmt = formats.get_format(fmt)
+    if step_ratio is not None:
+        raise ValueError(f"step_ratio perturbs a QuantPolicy's step; format {fmt.name!r} "
+                         "computes its scales by its own rule.")
+    if impl == "pallas":
+        raise ValueError(f"impl='pallas' has no kernel for format {fmt.name!r}; use 'jnp'.")
+    return formats.fake_quant_format(x, fmt)

@@ -8,6 +8,7 @@ import jax
 from jax.typing import ArrayLike
 
 from kure_jax import selection
+from kure_jax.quant import formats
 from kure_jax.quant.policy import QuantPolicy, check_policy, kept_axes, quantize
 
 PyTree = Any
@@ -17,7 +18,7 @@ _DEFAULT_POLICY = QuantPolicy()
 
 def quantize_params(
     params: PyTree,
-    policy: QuantPolicy = _DEFAULT_POLICY,
+    policy: QuantPolicy | formats.Format | str = _DEFAULT_POLICY,
     *,
     where: selection.LeafPredicate | None = None,
     key: jax.Array | None = None,
@@ -34,7 +35,10 @@ def quantize_params(
     Args:
       params: any pytree of arrays, e.g. a Flax ``{"params": ...}`` dict.
       policy: the quantizer applied to every selected leaf (default: 4-bit per-tensor symmetric
-        max-abs, nearest rounding).
+        max-abs, nearest rounding), or a data type: a
+        :class:`~kure_jax.quant.formats.Format` or a preset name (``"mxfp4"``, ``"nvfp4"``,
+        ``"nf4"``, ... :data:`~kure_jax.quant.formats.PRESETS`), whose blocks run along each
+        kernel's input axis (-2: Dense ``(in, out)`` and HWIO conv kernels).
       where: leaf selection, as ``selection.selection_mask``: ``None`` selects conv/dense kernels
         (rank >= 2 leaves named ``kernel``, or every rank >= 2 leaf if no ``kernel`` exists);
         otherwise a predicate ``where(path: tuple[str, ...], leaf) -> bool``.
@@ -48,9 +52,12 @@ def quantize_params(
       ``params``, selected ones have their original shapes and dtypes.
 
     Raises:
-      ValueError: if the selection matches nothing, stochastic rounding has no ``key``, or a
-        selected leaf is not floating or has no axis ``policy.axis`` (the message names the leaf).
+      ValueError: if the selection matches nothing, stochastic rounding has no ``key``, a
+        selected leaf is not floating or has no axis ``policy.axis`` (or no block axis of a
+        format; the message names the leaf), or a format comes with a ``step_ratio``.
     """
+    if isinstance(policy, formats.Format | str):
+        return _quantize_params_format(params, formats.get_format(policy), where, step_ratio)
     check_policy(policy)
     if policy.rounding == "stochastic" and key is None:
         raise ValueError(
@@ -88,3 +95,29 @@ def _check_leaf(name: str, leaf: Any, policy: QuantPolicy) -> None:
         raise ValueError(f"Selected leaf {name!r} of shape {tuple(leaf.shape)}: {err}") from None
     if 0 in leaf.shape:
         raise ValueError(f"Selected leaf {name!r} is empty (shape {tuple(leaf.shape)}).")
+
+
+def _quantize_params_format(
+    params: PyTree, fmt: formats.Format, where: selection.LeafPredicate | None,
+    step_ratio: ArrayLike | None,
+) -> PyTree:
+    """:func:`quantize_params` for a data type: each selected leaf through ``fake_quant_format``."""
+    if step_ratio is not None:
+        raise ValueError(f"step_ratio perturbs a QuantPolicy's step; format {fmt.name!r} "
+                         "computes its scales by its own rule.")
+    mask = selection.selection_mask(params, where)
+
+    def quantize_leaf(path, leaf, selected):
+        if not selected:
+            return leaf
+        name = jax.tree_util.keystr(path, simple=True, separator="/")
+        dtype = getattr(leaf, "dtype", None)
+        if dtype is None or not jax.numpy.issubdtype(dtype, jax.numpy.floating):
+            raise ValueError(f"Selected leaf {name!r} must be a floating array; got dtype {dtype}.")
+        try:
+            return formats.fake_quant_format(leaf, fmt)
+        except ValueError as err:
+            shape = tuple(leaf.shape)
+            raise ValueError(f"Selected leaf {name!r} of shape {shape}: {err}") from None
+
+    return jax.tree_util.tree_map_with_path(quantize_leaf, params, mask)
