@@ -370,3 +370,10 @@ def test_quantize_and_quantize_params_take_formats():
         quantize(params["dense"]["kernel"], "mxfp4", step_ratio=1.1)
     with pytest.raises(ValueError, match="'t' of shape"):  # A scalar has no block axis.
         quantize_params({"t": np.float32(2.0)}, "mxfp4", where=lambda path, leaf: True)
+
+
+def test_element_levels_are_every_representable_value():
+    for element, dtype in FLOAT_ELEMENTS.items():
+        np.testing.assert_array_equal(formats.element_levels(element), _representable(dtype))
+    np.testing.assert_array_equal(formats.element_levels("int4"), np.arange(-7, 8))
+    np.testing.assert_array_equal(formats.element_levels("nf4"), np.float32(QLORA_NF4))

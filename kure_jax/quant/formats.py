@@ -312,7 +312,9 @@ def _round(v: jax.Array, el: Element) -> jax.Array:
     """``v`` rounded to the element grid (float32/float64 in and out)."""
     if el.kind == "table":
         levels = jnp.asarray(np.float32(NF4_LEVELS), v.dtype)  # float32 levels in any dtype
-        return levels[jnp.searchsorted(_nf4_thresholds(v.dtype), v, side="right")]
+        # 15 thresholds: comparing against all of them vectorises (the default scan loops).
+        idx = jnp.searchsorted(_nf4_thresholds(v.dtype), v, side="right", method="compare_all")
+        return levels[idx]
     a = jnp.minimum(jnp.abs(v), el.max)
     if el.kind == "int":
         q = jnp.round(a)
@@ -526,3 +528,30 @@ def _straight_through(x: jax.Array, y: jax.Array, inside: jax.Array) -> jax.Arra
 def _straight_through_jvp(primals, tangents):
     x, y, inside = primals
     return y, jnp.where(inside, tangents[0], jnp.zeros_like(x))
+
+
+def element_levels(element: str) -> np.ndarray:
+    """Every value of ``element``, sorted, as float64 (NumPy): its grid before scaling.
+
+    Float elements from their fields (subnormals ``j 2^(emin - mbits)``, normals
+    ``(1 + j 2^-mbits) 2^e`` up to ``max``, both signs, one zero); ``int4``/``int8`` the
+    integers in ``[-max, max]``; ``nf4`` QLoRA's 16 levels (as float32 values).
+
+    Raises:
+      ValueError: for an unknown ``element``.
+
+    >>> element_levels("fp4_e2m1")[7:]
+    array([0. , 0.5, 1. , 1.5, 2. , 3. , 4. , 6. ])
+    """
+    _check_choice("element", element, tuple(ELEMENTS))
+    el = ELEMENTS[element]
+    if el.kind == "table":
+        return np.float32(NF4_LEVELS).astype(np.float64)
+    if el.kind == "int":
+        return np.arange(-el.max, el.max + 1)
+    frac = np.arange(2**el.mbits) / 2**el.mbits
+    sub = frac * 2.0**el.emin
+    normal = [(1 + frac) * 2.0**e for e in range(el.emin, el.emax + 1)]
+    pos = np.concatenate([sub, *normal])
+    pos = pos[pos <= el.max]
+    return np.concatenate([-pos[:0:-1], pos])
