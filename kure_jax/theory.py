@@ -411,3 +411,243 @@ def mse_step_curvature(
     else:
         unit_step = _check_positive("step", step) / std
     return _moments(density, bits, unit_step).d2
+
+
+# --- Data types with per-group scales (issue 23) -------------------------------------------------
+#
+# A tensor of i.i.d. zero-mean values X is cut into groups of k (a block, or the whole tensor
+# for a per-tensor scale); each group's scale s(M) is a function of its maximum M = max |X_i|,
+# and each value becomes s * L(X / s) with L the nearest level of the element grid (clipped at
+# its largest level). By exchangeability the per-value MSE is
+#
+#     MSE = E_M[ e(M, M) / k + (k - 1) / k * E[e(X, M) | |X| <= M] ],
+#
+# because given M the other k - 1 magnitudes are i.i.d. from |X| truncated at M. For each M the
+# inner expectation is a finite sum of exact cell integrals (the partial moments of |X|, closed
+# forms below); the outer one is Gauss-Legendre quadrature over u = F_M(M) = F(M)^k in (0, 1),
+# i.e. over the order statistic's own quantiles: 32 panels of 8 nodes, further split at every
+# M where the scale jumps (M crossing a power of two under "mx", an E4M3 rounding boundary
+# under "nvfp4"), so each panel's integrand is smooth but for kinks.
+#
+# Densities: the generalised Gaussian p(x) ~ exp(-|x / a|^b) at unit variance, whose kurtosis
+# Gamma(5/b) Gamma(1/b) / Gamma(3/b)^2 runs from 6 (b = 1, Laplace) through 3 (b = 2, normal) to
+# 1.8 (b -> inf, uniform, handled exactly). Its partial moments of |X| are incomplete gamma
+# functions: int_0^t x^j p_|X|(x) dx = a^j Gamma((j+1)/b) / Gamma(1/b) P((j+1)/b, (t/a)^b).
+#
+# Scale-free rules: "absmax" (s = M / max level) gives an MSE / variance that does not depend on
+# the tensor's scale. The power-of-two "mx" rule and the E4M3 block scale of "nvfp4" do: the
+# result is averaged over the tensor's scale 2^u, u uniform in [0, 1) (``scale_offsets`` points),
+# i.e. over where the group maxima fall between powers of two. NVFP4's per-tensor FP32 scale is
+# modelled by that same offset: the E4M3 block scale is taken in its normal range (it is, except
+# for blocks below 1/28000 of the tensor's maximum).
+
+FORMAT_SCALE_RULES = ("absmax", "mx", "nvfp4")
+NAMED_KURTOSIS = {"uniform": 1.8, "normal": 3.0, "laplace": 6.0}
+MIN_KURTOSIS, MAX_KURTOSIS = 1.8, 6.0
+_PANELS, _NODES_PER_PANEL = 32, 8
+
+
+def generalized_gaussian_kurtosis(shape: float) -> float:
+    """Kurtosis ``Gamma(5/b) Gamma(1/b) / Gamma(3/b)^2`` of the generalised Gaussian of shape b.
+
+    >>> round(generalized_gaussian_kurtosis(2.0), 12), round(generalized_gaussian_kurtosis(1.0), 9)
+    (3.0, 6.0)
+    """
+    b = _check_positive("shape", shape)
+    return math.exp(math.lgamma(5 / b) + math.lgamma(1 / b) - 2 * math.lgamma(3 / b))
+
+
+def generalized_gaussian_shape(kurtosis: float) -> float:
+    """The shape ``b`` whose generalised Gaussian has ``kurtosis`` (``inf`` for 1.8, uniform).
+
+    Raises:
+      ValueError: for a kurtosis outside [1.8, 6] (the family is used only there).
+    """
+    k = float(kurtosis)
+    if not MIN_KURTOSIS <= k <= MAX_KURTOSIS:
+        raise ValueError(f"kurtosis must be in [{MIN_KURTOSIS}, {MAX_KURTOSIS}]; got {kurtosis!r}.")
+    if k == MIN_KURTOSIS:
+        return math.inf
+    # log-kurtosis excess is monotone in log b; b = 1e4 has kurtosis 1.8 + 3e-4.
+    f = lambda log_b: generalized_gaussian_kurtosis(math.exp(log_b)) - k
+    if f(math.log(1e4)) > 0:
+        return 1e4
+    return math.exp(optimize.brentq(f, math.log(0.9), math.log(1e4), xtol=1e-13))
+
+
+def _abs_moments(shape: float, t: np.ndarray) -> tuple[np.ndarray, ...]:
+    """``int_0^t x^j p_|X|(x) dx`` for j = 0, 1, 2 at unit variance (t may be inf)."""
+    if math.isinf(shape):  # Uniform on [-sqrt3, sqrt3].
+        tc = np.minimum(t, _A)
+        return tuple(tc ** (j + 1) / ((j + 1) * _A) for j in range(3))
+    b = shape
+    a = math.exp(0.5 * (math.lgamma(1 / b) - math.lgamma(3 / b)))
+    with np.errstate(over="ignore"):  # (t / a)^b overflowing to inf is P(., inf) = 1.
+        z = np.where(np.isinf(t), np.inf, (t / a) ** b)
+    return tuple(a**j * math.exp(math.lgamma((j + 1) / b) - math.lgamma(1 / b))
+                 * special.gammainc((j + 1) / b, z) for j in range(3))
+
+
+def _abs_quantile(shape: float, log_p: np.ndarray) -> np.ndarray:
+    """The quantile of |X| at probability ``exp(log_p)`` (log scale: p may be 1 - 1e-12)."""
+    p, q = np.exp(log_p), -np.expm1(log_p)
+    if math.isinf(shape):
+        return _A * p
+    b = shape
+    a = math.exp(0.5 * (math.lgamma(1 / b) - math.lgamma(3 / b)))
+    z = np.where(p < 0.5, special.gammaincinv(1 / b, p), special.gammainccinv(1 / b, q))
+    return a * z ** (1 / b)
+
+
+def _side_error(levels: np.ndarray, scale: np.ndarray, m: np.ndarray, shape: float):
+    """For non-negative ascending ``levels`` (one sign of the grid): ``int_0^m e(x) p_|X| dx``
+    and ``e(m)``, where ``e(x) = (x - s L(x / s))^2``; arrays over the nodes."""
+    c = scale[:, None] * levels[None, :]
+    mids = scale[:, None] * ((levels[1:] + levels[:-1]) / 2)[None, :]
+    zero = np.zeros_like(m)[:, None]
+    bounds = np.minimum(np.concatenate([zero, mids, np.full_like(zero, np.inf)], axis=1),
+                        m[:, None])
+    mom = [np.diff(v, axis=1) for v in _abs_moments(shape, bounds)]
+    inner = np.sum(mom[2] - 2 * c * mom[1] + c * c * mom[0], axis=1)
+    top = np.min(np.abs(m[:, None] - c), axis=1) ** 2
+    return inner, top
+
+
+def _format_scale(m: np.ndarray, top: float, rule: str, offset: float) -> np.ndarray:
+    """The group scale for group maxima ``m`` of a tensor scaled by ``2^offset`` (in unit
+    terms: divided by ``2^offset`` again)."""
+    if rule == "absmax":
+        return m / top
+    if rule == "mx":
+        emax = math.floor(math.log2(top))
+        return np.exp2(np.floor(np.log2(m) + offset) - emax - offset)
+    # nvfp4: round-to-nearest-even E4M3 block scale (normal range: 3 mantissa bits).
+    v = np.log2(m / top) + offset
+    e = np.floor(v)
+    return np.exp2(e - 3 + 0) * _round_half_even(np.exp2(v - e + 3)) * np.exp2(-offset)
+
+
+def _scale_jumps(shape: float, k: int, top: float, rule: str, offset: float) -> np.ndarray:
+    """The group maxima where ``_format_scale`` jumps (none for absmax), within the range of
+    the maximum of ``k`` values."""
+    if rule == "absmax":
+        return np.zeros(0)
+    lo, hi = _abs_quantile(shape, np.log(np.array([1e-12, 1 - 1e-15])) / k)
+    exps = np.arange(math.floor(math.log2(lo / top)) - 1, math.ceil(math.log2(hi / top)) + 2)
+    if rule == "mx":  # floor(log2 M + offset) steps at M = 2^(j - offset).
+        jumps = top * np.exp2(exps - offset) / 2.0 ** math.floor(math.log2(top))
+    else:  # E4M3 rounding steps halfway between (8 + i) / 8 and (9 + i) / 8 in each binade.
+        mant = (8 + np.arange(8) + 0.5) / 8
+        jumps = (top * np.exp2(exps - offset)[:, None] * mant[None, :]).ravel()
+    return jumps[(jumps > lo) & (jumps < hi)]
+
+
+def _max_quadrature(shape: float, k: int, jumps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Nodes (group maxima) and weights of the expectation over the maximum of ``k`` values:
+    Gauss-Legendre in ``u = F(M)^k`` on panels split at the integrand's jumps."""
+    jumps_u = np.exp(k * np.log(np.clip(_abs_moments(shape, jumps)[0], 1e-300, 1.0)))
+    edges = np.unique(np.concatenate([np.linspace(0.0, 1.0, _PANELS + 1), jumps_u]))
+    x, w = np.polynomial.legendre.leggauss(_NODES_PER_PANEL)
+    half = np.diff(edges)[:, None] / 2
+    u = ((edges[:-1, None] + edges[1:, None]) / 2 + half * x[None, :]).ravel()
+    weights = (half * w[None, :]).ravel()
+    m = _abs_quantile(shape, np.log(u) / k)
+    # A node at u that rounds to 0 or 1 (quantile 0 or inf) carries no weight worth keeping.
+    keep = (m > 0) & np.isfinite(m)
+    return m[keep], weights[keep]
+
+
+def _round_half_even(v: np.ndarray) -> np.ndarray:
+    return np.round(v)  # NumPy rounds half to even.
+
+
+def format_mse(
+    kurtosis: float | str,
+    *,
+    levels: Sequence[float] | np.ndarray,
+    block_size: int,
+    scale_rule: str = "absmax",
+    scale_offsets: int = 24,
+) -> float:
+    r"""MSE per value of a unit-variance tensor under a data type with per-group scales.
+
+    The tensor's values are i.i.d. generalised Gaussian with the given kurtosis (1.8: uniform,
+    3: normal, 6: Laplace); groups of ``block_size`` values share a scale set by the group's
+    maximum under ``scale_rule`` (method in the comment above this function's section of
+    ``kure_jax/theory.py``: exact cell integrals given the group maximum, quadrature over the
+    maximum's distribution).
+
+    Args:
+      kurtosis: a number in [1.8, 6] or one of ``"uniform"``, ``"normal"``, ``"laplace"``.
+      levels: every value of the element grid, e.g.
+        :func:`kure_jax.quant.formats.element_levels`; must contain 0, need not be symmetric.
+      block_size: values per scale group (a per-tensor scale: the tensor's size).
+      scale_rule: ``"absmax"`` (``s = M / max level``), ``"mx"`` (OCP MX: ``2^(floor(log2 M)
+        - emax)``) or ``"nvfp4"`` (``M / max level`` rounded to E4M3).
+      scale_offsets: points of the average over the tensor's scale (``"mx"``, ``"nvfp4"``).
+
+    Returns:
+      ``E[(X - Q(X))^2]`` for ``Var X = 1``; the SNR in dB is ``-10 log10`` of it.
+
+    Raises:
+      ValueError: for a kurtosis outside [1.8, 6] or unknown name, an unknown rule, a
+        ``block_size < 1``, or levels without 0.
+    """
+    if isinstance(kurtosis, str):
+        if kurtosis not in NAMED_KURTOSIS:
+            raise ValueError(f"kurtosis must be a number or one of {tuple(NAMED_KURTOSIS)}; "
+                             f"got {kurtosis!r}.")
+        kurtosis = NAMED_KURTOSIS[kurtosis]
+    shape = generalized_gaussian_shape(kurtosis)
+    if scale_rule not in FORMAT_SCALE_RULES:
+        raise ValueError(f"scale_rule must be one of {FORMAT_SCALE_RULES}; got {scale_rule!r}.")
+    if isinstance(block_size, bool) or not isinstance(block_size, int | np.integer) \
+            or block_size < 1:
+        raise ValueError(f"block_size must be an int >= 1; got {block_size!r}.")
+    grid = np.unique(np.asarray(levels, np.float64))
+    if not np.any(grid == 0):
+        raise ValueError("levels must contain 0.")
+    top = float(np.max(np.abs(grid)))
+    sides = (grid[grid >= 0], -grid[grid <= 0][::-1])
+    k = block_size
+    offsets = [0.0] if scale_rule == "absmax" else (np.arange(scale_offsets) + 0.5) / scale_offsets
+    total = 0.0
+    for offset in offsets:
+        m, weights = _max_quadrature(shape, k, _scale_jumps(shape, k, top, scale_rule, offset))
+        mass = _abs_moments(shape, m)[0]
+        scale = _format_scale(m, top, scale_rule, offset)
+        inner, at_max = (sum(parts) / 2 for parts in zip(
+            *(_side_error(side, scale, m, shape) for side in sides), strict=True))
+        h = at_max / k + (k - 1) / k * inner / mass
+        total += float(np.sum(weights * h))
+    return total / len(offsets)
+
+
+def format_snr_db(kurtosis: float | str, **format_kwargs) -> float:
+    """``-10 log10`` of :func:`format_mse` (unit variance), in dB; same arguments."""
+    return -10.0 * math.log10(format_mse(kurtosis, **format_kwargs))
+
+
+def best_kurtosis(
+    *, levels: Sequence[float] | np.ndarray, block_size: int, scale_rule: str = "absmax",
+    grid: Sequence[float] | None = None,
+) -> tuple[float, float]:
+    """The kurtosis in [1.8, 6] with the smallest :func:`format_mse`, and that MSE.
+
+    Evaluated on ``grid`` (default 1.8, 2.0, ..., 6.0), then refined by a bounded scalar
+    search between the best point's neighbours.
+
+    Returns:
+      ``(kurtosis, mse)``.
+    """
+    grid = np.arange(1.8, 6.0001, 0.2) if grid is None else np.asarray(grid, np.float64)
+    kw = {"levels": levels, "block_size": block_size, "scale_rule": scale_rule}
+    errors = [format_mse(float(k), **kw) for k in grid]
+    i = int(np.argmin(errors))
+    lo, hi = grid[max(i - 1, 0)], grid[min(i + 1, len(grid) - 1)]
+    if hi > lo:
+        res = optimize.minimize_scalar(lambda k: format_mse(float(k), **kw), bounds=(lo, hi),
+                                       method="bounded", options={"xatol": 1e-3})
+        if res.fun < errors[i]:
+            return float(res.x), float(res.fun)
+    return float(grid[i]), float(errors[i])
