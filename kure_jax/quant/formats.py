@@ -83,41 +83,19 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from kure_jax._axes import canonical_axes
+from kure_jax.quant._elements import ELEMENTS as ELEMENTS
+from kure_jax.quant._elements import NF4_LEVELS as NF4_LEVELS
+from kure_jax.quant._elements import Element as Element
+from kure_jax.quant._elements import (
+    check_choice,
+    floor_log2,
+    pow2,
+    round_to_grid,
+    work_dtype,
+)
+from kure_jax.quant._elements import element_levels as element_levels
+from kure_jax.quant._elements import round_element as round_element
 
-
-class Element(NamedTuple):
-    """One element type. ``kind`` is ``"float"``, ``"int"`` or ``"table"`` (NF4).
-
-    ``mbits``: stored mantissa bits; ``emin``: exponent of the smallest normal (``1 - bias``);
-    ``max``: largest finite magnitude; ``emax``: ``floor(log2 max)``; ``bits``: code width.
-    """
-
-    kind: str
-    bits: int
-    mbits: int
-    emin: int
-    max: float
-    emax: int
-
-
-# QLoRA's NF4 levels, Dettmers et al. 2023, Appendix E (as published, float32 decimal).
-NF4_LEVELS: tuple[float, ...] = (
-    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
-    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
-    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
-    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
-)  # fmt: skip
-
-ELEMENTS: Mapping[str, Element] = types.MappingProxyType({
-    "fp8_e4m3": Element("float", 8, 3, -6, 448.0, 8),
-    "fp8_e5m2": Element("float", 8, 2, -14, 57344.0, 15),
-    "fp6_e3m2": Element("float", 6, 2, -2, 28.0, 4),
-    "fp6_e2m3": Element("float", 6, 3, 0, 7.5, 2),
-    "fp4_e2m1": Element("float", 4, 1, 0, 6.0, 2),
-    "int4": Element("int", 4, 0, 0, 7.0, 2),
-    "int8": Element("int", 8, 0, 0, 127.0, 6),
-    "nf4": Element("table", 4, 0, 0, 1.0, 0),
-})
 GRANULARITIES: tuple[str, ...] = ("tensor", "channel", "block")
 SCALE_RULES: tuple[str, ...] = ("absmax", "mx", "nvfp4")
 E8M0_EXPONENTS = (-127, 127)  # E8M0 codes 0..254 are 2^-127..2^127; 255 is NaN.
@@ -155,9 +133,9 @@ class Format:
     scale: str = "absmax"
 
     def __post_init__(self) -> None:
-        _check_choice("element", self.element, tuple(ELEMENTS))
-        _check_choice("granularity", self.granularity, GRANULARITIES)
-        _check_choice("scale", self.scale, SCALE_RULES)
+        check_choice("element", self.element, tuple(ELEMENTS))
+        check_choice("granularity", self.granularity, GRANULARITIES)
+        check_choice("scale", self.scale, SCALE_RULES)
         blocked = self.granularity == "block"
         size = self.block_size
         if blocked and (isinstance(size, bool) or not isinstance(size, int | np.integer)
@@ -197,11 +175,6 @@ class Format:
         return f"{prefix} {self.name}"
 
 
-def _check_choice(field: str, value: object, allowed: tuple[str, ...]) -> None:
-    if not isinstance(value, str) or value not in allowed:
-        raise ValueError(f"Format.{field} must be one of {allowed}; got {value!r}.")
-
-
 def _block(element: str, size: int, scale: str) -> Format:
     return Format(element=element, block_size=size, scale=scale)
 
@@ -239,91 +212,6 @@ def get_format(fmt: str | Format) -> Format:
     if isinstance(fmt, str) and fmt in PRESETS:
         return PRESETS[fmt]
     raise ValueError(f"format must be a Format or one of {tuple(PRESETS)}; got {fmt!r}.")
-
-
-def round_element(x: ArrayLike, element: str) -> jax.Array:
-    """Rounds ``x`` (already divided by its scale) to the nearest value of ``element``.
-
-    Float elements: nearest, ties to even, subnormals kept, saturating at ``±max``; integer
-    elements: nearest integer (ties to even) in ``[-max, max]``; ``nf4``: the nearest level.
-    No straight-through gradient (its derivative is 0 almost everywhere).
-
-    Args:
-      x: float array of any shape (bfloat16/float16 are computed in float32).
-      element: one of :data:`ELEMENTS`.
-
-    Returns:
-      Array of ``x``'s shape and dtype; ``-0.0`` stays ``-0.0``; NaN stays NaN.
-
-    Raises:
-      ValueError: for an unknown ``element`` or a non-floating ``x``.
-
-    >>> round_element(jnp.array([0.2, 0.25, 0.76, 2.5, 5.1, 100.0]), "fp4_e2m1")
-    Array([0., 0., 1., 2., 6., 6.], dtype=float32)
-    """
-    _check_choice("element", element, tuple(ELEMENTS))
-    x = jnp.asarray(x)
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-        raise ValueError(f"round_element needs a floating array; got dtype {x.dtype}.")
-    return _round_jit(x, element)
-
-
-@functools.partial(jax.jit, static_argnums=1)
-def _round_jit(x: jax.Array, element: str) -> jax.Array:
-    return _round(x.astype(_work_dtype(x.dtype)), ELEMENTS[element]).astype(x.dtype)
-
-
-def _work_dtype(dtype: jnp.dtype) -> jnp.dtype:
-    return jnp.promote_types(dtype, jnp.float32)
-
-
-def _pow2(k: jax.Array, dtype: jnp.dtype) -> jax.Array:
-    """Exact ``2^k`` for integer ``k`` in the normal range of ``dtype`` (built from its bits)."""
-    if dtype == jnp.float64:
-        return jax.lax.bitcast_convert_type((k.astype(jnp.int64) + 1023) << 52, jnp.float64)
-    return jax.lax.bitcast_convert_type((k.astype(jnp.int32) + 127) << 23, jnp.float32)
-
-
-def _exponent(a: jax.Array) -> jax.Array:
-    """``floor(log2 a)`` for normal ``a > 0`` from the exponent bits (subnormals read low)."""
-    if a.dtype == jnp.float64:
-        bits = jax.lax.bitcast_convert_type(a, jnp.int64)
-        return ((bits >> 52) & 0x7FF).astype(jnp.int32) - 1023
-    return ((jax.lax.bitcast_convert_type(a, jnp.int32) >> 23) & 0xFF) - 127
-
-
-@functools.cache
-def _nf4_thresholds(dtype: jnp.dtype) -> np.ndarray:
-    """Per pair of neighbouring NF4 levels, the smallest ``dtype`` value nearer the upper one.
-
-    The levels are the table's float32 values, also for float64 input.
-
-    From the exact midpoints (in float64, exact for float32 levels; ties go to the lower
-    level), so the choice is exact where ``(lo + hi) / 2`` computed in ``dtype`` would round.
-    """
-    dtype = np.dtype(dtype)
-    levels = np.asarray(NF4_LEVELS, np.float32).astype(np.float64)
-    mids = (levels[1:] + levels[:-1]) / 2
-    above = mids.astype(dtype)
-    return np.where(above <= mids, np.nextafter(above, np.array(np.inf, dtype)), above)
-
-
-def _round(v: jax.Array, el: Element) -> jax.Array:
-    """``v`` rounded to the element grid (float32/float64 in and out)."""
-    if el.kind == "table":
-        levels = jnp.asarray(np.float32(NF4_LEVELS), v.dtype)  # float32 levels in any dtype
-        # 15 thresholds: comparing against all of them vectorises (the default scan loops).
-        idx = jnp.searchsorted(_nf4_thresholds(v.dtype), v, side="right", method="compare_all")
-        return levels[idx]
-    a = jnp.minimum(jnp.abs(v), el.max)
-    if el.kind == "int":
-        q = jnp.round(a)
-    else:
-        # Spacing 2^(e - mbits) in the binade of a, or the subnormal spacing below 2^emin;
-        # scaling by powers of two is exact, so jnp.round's ties-to-even decides the ties.
-        e = jnp.maximum(_exponent(a), el.emin) - el.mbits
-        q = jnp.round(a * _pow2(-e, a.dtype)) * _pow2(e, a.dtype)
-    return jnp.where(jnp.isnan(v), v, jnp.copysign(q, v))
 
 
 class Encoded(NamedTuple):
@@ -436,7 +324,7 @@ def _check_call(x: ArrayLike, fmt: str | Format, amax: ArrayLike | None):
         if fmt.granularity != "tensor" and fmt.scale != "nvfp4":
             raise ValueError(f"amax= is a per-tensor range; format {fmt.name!r} computes its "
                              f"{fmt.granularity} scales from x.")
-        amax = jnp.asarray(amax, _work_dtype(x.dtype))
+        amax = jnp.asarray(amax, work_dtype(x.dtype))
         if amax.ndim != 0:
             raise ValueError(f"amax must be a scalar; got shape {amax.shape}.")
     return fmt, x, amax
@@ -484,26 +372,26 @@ def _quantize(x: jax.Array, fmt: Format, amax: jax.Array | None):
     if fmt.scale == "mx":
         # s = 2^e, e = floor(log2 amax) - emax; v = x * 2^-e is exact. 2^e is built in two
         # halves because E8M0's 2^-127 is below float32's normal range.
-        e = jnp.where(group_amax > 0, _exponent(group_amax) - el.emax, E8M0_EXPONENTS[0])
+        e = jnp.where(group_amax > 0, floor_log2(group_amax) - el.emax, E8M0_EXPONENTS[0])
         e = jnp.clip(e, *E8M0_EXPONENTS)
-        v = xv * _pow2(-e, x.dtype)
-        scale, tensor_scale = _pow2(e // 2, x.dtype) * _pow2(e - e // 2, x.dtype), one
+        v = xv * pow2(-e, x.dtype)
+        scale, tensor_scale = pow2(e // 2, x.dtype) * pow2(e - e // 2, x.dtype), one
     elif fmt.scale == "nvfp4":
         t_amax = jnp.max(jnp.abs(x)) if amax is None else amax
         tensor_scale = jnp.maximum(t_amax, tiny) * (1.0 / (el.max * _E4M3_MAX))
-        scale = _round(group_amax * (1.0 / el.max) / tensor_scale, ELEMENTS["fp8_e4m3"])
+        scale = round_to_grid(group_amax * (1.0 / el.max) / tensor_scale, ELEMENTS["fp8_e4m3"])
         full = scale * tensor_scale
         v = jnp.where(full > 0, xv / jnp.where(full > 0, full, one), 0.0)
     else:
         scale, tensor_scale = jnp.maximum(group_amax * (1.0 / el.max), tiny), one
         v = xv / scale
     inside = jnp.abs(v) <= el.max
-    return _round(v, el), scale, tensor_scale, inside
+    return round_to_grid(v, el), scale, tensor_scale, inside
 
 
 @functools.partial(jax.jit, static_argnums=1)
 def _encode_jit(x: jax.Array, fmt: Format, amax: jax.Array | None) -> Encoded:
-    xw = x.astype(_work_dtype(x.dtype))
+    xw = x.astype(work_dtype(x.dtype))
     q, scale, tensor_scale, _ = _quantize(xw, fmt, amax)
     _, reduce = _view(xw, fmt)
     return Encoded(_unview(q, fmt, x.shape), jnp.squeeze(scale, reduce), tensor_scale)
@@ -511,7 +399,7 @@ def _encode_jit(x: jax.Array, fmt: Format, amax: jax.Array | None) -> Encoded:
 
 @functools.partial(jax.jit, static_argnums=1)
 def _fake_quant_jit(x: jax.Array, fmt: Format, amax: jax.Array | None) -> jax.Array:
-    xw = x.astype(_work_dtype(x.dtype))
+    xw = x.astype(work_dtype(x.dtype))
     q, scale, tensor_scale, inside = _quantize(jax.lax.stop_gradient(xw), fmt, amax)
     y = _unview(q * (scale * tensor_scale), fmt, x.shape)
     return _straight_through(xw, y, _unview(inside, fmt, x.shape)).astype(x.dtype)
@@ -528,30 +416,3 @@ def _straight_through(x: jax.Array, y: jax.Array, inside: jax.Array) -> jax.Arra
 def _straight_through_jvp(primals, tangents):
     x, y, inside = primals
     return y, jnp.where(inside, tangents[0], jnp.zeros_like(x))
-
-
-def element_levels(element: str) -> np.ndarray:
-    """Every value of ``element``, sorted, as float64 (NumPy): its grid before scaling.
-
-    Float elements from their fields (subnormals ``j 2^(emin - mbits)``, normals
-    ``(1 + j 2^-mbits) 2^e`` up to ``max``, both signs, one zero); ``int4``/``int8`` the
-    integers in ``[-max, max]``; ``nf4`` QLoRA's 16 levels (as float32 values).
-
-    Raises:
-      ValueError: for an unknown ``element``.
-
-    >>> element_levels("fp4_e2m1")[7:]
-    array([0. , 0.5, 1. , 1.5, 2. , 3. , 4. , 6. ])
-    """
-    _check_choice("element", element, tuple(ELEMENTS))
-    el = ELEMENTS[element]
-    if el.kind == "table":
-        return np.float32(NF4_LEVELS).astype(np.float64)
-    if el.kind == "int":
-        return np.arange(-el.max, el.max + 1)
-    frac = np.arange(2**el.mbits) / 2**el.mbits
-    sub = frac * 2.0**el.emin
-    normal = [(1 + frac) * 2.0**e for e in range(el.emin, el.emax + 1)]
-    pos = np.concatenate([sub, *normal])
-    pos = pos[pos <= el.max]
-    return np.concatenate([-pos[:0:-1], pos])
