@@ -111,8 +111,9 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     config.qat.act_bits = 4
     config.qat.weight_quantizer = "lsq"
     config.qat.act_quantizer = "lsq"
-    config.qat.keep_first_float = True
-    config.qat.keep_last_float = True
+    # The layers that quantise (kure_jax.selection.as_rule): "paper" keeps the first layer and
+    # the classifier float, "kernels" quantises every conv/dense layer.
+    config.qat.layers = "paper"
     config.qat.lsq_grad_scale = True
     # "jnp": XLA fuses the fake quantisation; "pallas" / "auto" use the fused kernels of
     # kure_jax.kernels (QATConfig.kernel_impl; not yet timed inside a training step).

@@ -26,6 +26,5 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     config.qat.act_bits = 4
     config.qat.weight_quantizer = "dorefa"
     config.qat.act_quantizer = "dorefa"
-    config.qat.keep_first_float = True
-    config.qat.keep_last_float = True
+    config.qat.layers = "paper"
     return config

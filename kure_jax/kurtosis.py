@@ -300,8 +300,8 @@ def penalty(
         top-level ``"params"`` key), nested dicts, lists.
       target: the kurtosis target ``K_T`` (1.8 = uniform).
       where: leaf selection; ``None`` selects conv/dense kernels (see
-        :mod:`kure_jax.selection`); :func:`kure_jax.paper_selection` gives the
-        paper's "all convs but the first, no final dense".
+        :mod:`kure_jax.selection`), or a :class:`~kure_jax.LayerRule` such as
+        :data:`kure_jax.PAPER_LAYERS` (the paper's "all convs but the first, no final dense").
       reduction: ``"mean"`` (paper), ``"sum"`` or ``"max"`` over the selected leaves.
       axis: ``None`` for per-tensor kurtosis (paper), or the axes to reduce per leaf
         for per-channel kurtosis; each leaf's term is then the mean over its channels.

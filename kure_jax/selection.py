@@ -21,10 +21,14 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.extend import core as jax_core
 
 PyTree = Any
 Path = tuple[str, ...]
@@ -40,8 +44,8 @@ __all__ = [
     "as_rule",
     "default_selection",
     "edge_layers",
+    "layer_order",
     "layer_path",
-    "paper_selection",
     "path_to_str",
     "select",
     "selection_mask",
@@ -220,6 +224,53 @@ def edge_layers(layers: Sequence[tuple[str, bool]], *, first: bool, last_dense: 
     return edges
 
 
+def layer_order(forward: Callable[[PyTree], Any], params: PyTree) -> list[str]:
+    """The layers of ``params``' kernels in call order: the one layer-order mechanism.
+
+    The order is that of each kernel's first use in the jaxpr of ``forward(params)``: tracing
+    runs the Python code top to bottom, so a layer called earlier reads its kernel earlier.
+    This one mechanism serves every caller (a :class:`LayerRule`'s "first"/"last" layer for
+    the penalty, PTQ, QAT and the sweep) because it needs no framework hook (Linen, NNX and
+    plain JAX models alike), traces shapes only (no FLOPs, no memory) and works on params whose
+    dicts lost the call order (``jax.jit(model.init)``, restored checkpoints, NNX states, which
+    are sorted by name).
+
+    Args:
+      forward: ``forward(params) -> anything``, e.g. ``lambda v: model.apply(v, images)``;
+        traced once with abstract ``params`` (other inputs are closed over).
+      params: a pytree holding the kernels (rank >= 2 leaves named ``kernel``), e.g. Linen
+        variables, their ``"params"``, or an NNX state; arrays or ``jax.ShapeDtypeStruct``.
+
+    Returns:
+      Layer paths as :func:`layer_path` names them (``"stage1_block1/conv1"``), each once;
+      kernels that ``forward`` never reads come last, in flatten order.
+
+    >>> import flax.linen as nn
+    >>> import jax.numpy as jnp
+    >>> class Net(nn.Module):
+    ...     @nn.compact
+    ...     def __call__(self, x):
+    ...         return nn.Dense(3, name="a_second")(nn.Dense(4, name="z_first")(x))
+    >>> x = jnp.ones((1, 2))
+    >>> params = jax.jit(Net().init)(jax.random.key(0), x)  # key-sorted: a_second first
+    >>> layer_order(lambda v: Net().apply(v, x), params)
+    ['z_first', 'a_second']
+    """
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), jnp.result_type(a)),
+                            params)
+    leaves = jax.tree_util.tree_flatten_with_path(abstract)[0]
+    closed = jax.make_jaxpr(forward)(abstract)
+    kernels = {var: layer_path(path) for var, (path, leaf) in
+               zip(closed.jaxpr.invars, leaves, strict=True)
+               if _path_names(path)[-1:] == ("kernel",) and _ndim(leaf) >= 2}
+    order: list[str] = []
+    for eqn in closed.jaxpr.eqns:
+        for var in eqn.invars:
+            if not isinstance(var, jax_core.Literal) and var in kernels:
+                order.append(kernels.pop(var))
+    return list(dict.fromkeys([*order, *kernels.values()]))
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class LayerRule:
     """Which layers' kernels a penalty, a quantizer or QAT acts on (frozen, hashable, validated).
@@ -227,10 +278,18 @@ class LayerRule:
     A rule selects the rank >= 2 leaves named ``kernel`` (conv/dense weights) of the layers
     whose path (``"stage1_block1/conv1"``: the module path of a Linen layer, the attribute path
     of an NNX one) matches ``include`` and not ``exclude`` (``re.fullmatch``), less the first
-    layer and the last dense layer when asked. "First" and "last" follow layer order: the call
-    order if given, else the insertion order of ``params``' dicts (the call order of an eager
-    ``init``). A rule is not callable, so ``optax.inject_hyperparams`` keeps it static; use it
-    anywhere a ``where=`` predicate goes, or turn it into one with :meth:`where`.
+    layer and the last dense layer when asked. "First" and "last" follow the call order, read by
+    :func:`layer_order` from the model's ``forward`` when it is given (the one order
+    mechanism of the library), else the insertion order of ``params``' dicts (which is the call
+    order for an eager Linen ``init`` only). A rule is not callable, so
+    ``optax.inject_hyperparams`` keeps it static; use it anywhere a ``where=`` predicate goes,
+    or resolve it into one with :meth:`where`. Config files name rules as strings, read by
+    :func:`as_rule` (``"paper"``, ``"kernels"``).
+
+    A rule part that matches nothing is reported by name, as qwix's ``get_unused_rules``
+    does: an ``exclude`` that matches no layer warns (``UserWarning``, naming the pattern and
+    the layers), and a rule that leaves no layer (e.g. an ``include`` that matches none) raises
+    ValueError naming it.
 
     Attributes:
       include: regex of the layers to select (default: all).
@@ -268,40 +327,81 @@ class LayerRule:
                 raise ValueError(f"LayerRule.{field} must be True or False; "
                                  f"got {getattr(self, field)!r}.")
 
-    def layers(self, params: PyTree, *, order: Sequence[str] | None = None) -> list[str]:
+    def layers(self, params: PyTree, *, forward: Callable[[PyTree], Any] | None = None,
+               order: Sequence[str] | None = None) -> list[str]:
         """The selected layer paths of ``params``, in layer order.
 
         Args:
           params: a params pytree (Linen dict, with or without ``"params"``, or NNX state).
-          order: layer paths in call order (e.g. from ``kure_jax.qat.linen.layer_order``);
-            ``None`` reads the insertion order of ``params``. Layers missing from ``order``
-            keep their insertion order after the listed ones.
+          forward: ``forward(params)``, the model's forward pass: the call order is read from
+            it by :func:`layer_order`. ``None``: ``order``, else the dicts' insertion order.
+          order: layer paths in call order, as :func:`layer_order` returns them (for a caller
+            that already has it). Layers missing from it come after the listed ones.
 
         Raises:
-          ValueError: if no layer is left.
+          ValueError: if no layer is left (the message names the rule, the layers and the
+            parts of the rule that match none).
+
+        Warns:
+          UserWarning: if ``exclude`` matches no layer (a typo would otherwise exclude nothing).
         """
         kernels = [(layer_path(p), _ndim(leaf) == 2) for p, leaf in
                    _kernels_in_insertion_order(params)]
+        if forward is not None:
+            order = layer_order(forward, params)
         if order is not None:
             rank = {name: i for i, name in enumerate(order)}
             kernels.sort(key=lambda item: rank.get(item[0], len(rank)))
+        names = [name for name, _ in kernels]
         edges = edge_layers(kernels, first=self.skip_first, last_dense=self.skip_last_dense)
-        chosen = [name for name, _ in kernels if name not in edges
-                  and re.fullmatch(self.include, name)
-                  and not (self.exclude is not None and re.fullmatch(self.exclude, name))]
+        chosen = [name for name in names if name not in edges and self._matches(name)]
+        unused = "".join(f"; {part} matches no layer" for part in self.unused(names))
         if not chosen:
-            raise ValueError(f"{self} selects no layer of {[name for name, _ in kernels]}.")
+            raise ValueError(f"{self} selects no layer of {names}{unused}.")
+        if unused:
+            warnings.warn(f"{self}{unused} of {names}.", stacklevel=2)
         return chosen
 
-    def where(self, params: PyTree, *, order: Sequence[str] | None = None) -> LeafPredicate:
-        """This rule resolved on ``params`` as a predicate ``where(path, leaf)``.
+    def _matches(self, name: str) -> bool:
+        return bool(re.fullmatch(self.include, name)) and not (
+            self.exclude is not None and re.fullmatch(self.exclude, name))
 
-        The predicate accepts trees with or without the top-level ``"params"`` key.
+    def unused(self, layers: Sequence[str]) -> list[str]:
+        """The parts of this rule that match none of ``layers`` (qwix's ``get_unused_rules``).
+
+        Args:
+          layers: layer paths, e.g. ``["stem", "block1/conv1", "head"]``.
+
+        Returns:
+          ``"include='...'"`` / ``"exclude='...'"`` for each regex that matches no layer (the
+          default ``include='.*'`` is reported only for an empty model); empty if all match.
+
+        >>> LayerRule(exclude="hed").unused(["stem", "head"])
+        ["exclude='hed'"]
+        """
+        unused = []
+        for field in ("include", "exclude"):
+            pattern = getattr(self, field)
+            if pattern is not None and not any(re.fullmatch(pattern, n) for n in layers):
+                unused.append(f"{field}={pattern!r}")
+        return unused
+
+    def where(self, params: PyTree, *, forward: Callable[[PyTree], Any] | None = None,
+              order: Sequence[str] | None = None) -> LeafPredicate:
+        """This rule resolved on ``params`` as a predicate ``where(path, leaf)``: the resolver.
+
+        The predicate accepts trees with or without the top-level ``"params"`` key, so it
+        resolves once (e.g. on abstract variables) and applies to any params of the model.
+
+        Args:
+          params: as :meth:`layers`.
+          forward: as :meth:`layers`.
+          order: as :meth:`layers`.
 
         Raises:
           ValueError: as :meth:`layers`.
         """
-        chosen = frozenset(self.layers(params, order=order))
+        chosen = frozenset(self.layers(params, forward=forward, order=order))
 
         def where(path: Path, leaf: Any) -> bool:
             return (bool(path) and path[-1] == "kernel" and _ndim(leaf) >= 2
@@ -346,76 +446,6 @@ def as_rule(value: str | LayerRule | None) -> LayerRule:
         return PAPER_LAYERS
     raise ValueError(f"A layer selection must be one of {list(RULE_NAMES)} or a LayerRule; "
                      f"got {value!r}.")
-
-
-def paper_selection(
-    params: PyTree, *, first_conv: str | None = None, last_dense: str | None = None
-) -> LeafPredicate:
-    """The paper's selection: every conv/dense kernel except the first conv and the final dense.
-
-    KURE's reference regularises all conv kernels but the first conv, and not the
-    classifier; those two layers also stay full precision in its quantized runs.
-
-    The two excluded layers are found, in this order of preference:
-
-    1. by name, if given (``first_conv="stem_conv"`` matches any path component);
-    2. by the names of :mod:`kure_jax.models` (``"stem_conv"`` and ``"head"``) when present;
-    3. by layer order (:data:`PAPER_LAYERS`): the first layer and the last rank-2 ``kernel`` in
-       the dicts' insertion order, which is the call order for params from an eager
-       ``model.init``. ``jax.jit(model.init)`` and ``jax.tree`` operations sort dict keys,
-       so for such trees pass the names, or use ``PAPER_LAYERS.where(params, order=...)``
-       with the call order.
-
-    Args:
-      params: a Flax-style nested mapping of arrays with ``kernel`` leaves.
-      first_conv: name of the first conv layer (a path component), or None to detect it.
-      last_dense: name of the final dense layer, or None to detect it (a model without
-        a rank-2 kernel excludes no dense layer).
-
-    Returns:
-      A predicate ``where(path, leaf)`` for :func:`penalty`, :func:`quantize_params`, ...
-      It accepts trees with or without the top-level ``"params"`` key.
-
-    Raises:
-      ValueError: if ``params`` holds no rank-4 (conv) kernel, a given name matches no
-        kernel, or no kernel remains after the exclusions.
-    """
-    kernels = _kernels_in_insertion_order(params)
-    layers = [layer_path(path) for path, _ in kernels]
-    if not any(_ndim(leaf) == 4 for _, leaf in kernels):
-        raise ValueError(
-            "paper_selection needs conv kernels (rank-4 leaves named 'kernel'); found kernels: "
-            f"{[path_to_str(p) for p, _ in kernels] or 'none'}."
-        )
-    excluded = []
-    for arg, name, default in (("first_conv", first_conv, _DEFAULT_FIRST_CONV),
-                               ("last_dense", last_dense, _DEFAULT_LAST_DENSE)):
-        named = _by_component(layers, name if name is not None else default)
-        if name is not None and not named:
-            raise ValueError(f"paper_selection({arg}={name!r}) matches no kernel; "
-                             f"candidates: {[path_to_str(p) for p, _ in kernels]}.")
-        excluded.append(named)
-    first, last = excluded
-    rule = LayerRule(
-        exclude="|".join(re.escape(n) for n in first | last) or None,
-        skip_first=not first, skip_last_dense=not last)
-    try:
-        where = rule.where(params)
-    except ValueError:
-        raise ValueError(
-            "paper_selection leaves nothing once the first conv and the last dense are excluded "
-            f"from {layers}.") from None
-    where.__name__ = "paper_selection"
-    return where
-
-
-# The layer names of kure_jax.models; other models fall back to layer order.
-_DEFAULT_FIRST_CONV = "stem_conv"
-_DEFAULT_LAST_DENSE = "head"
-
-
-def _by_component(layers: Sequence[str], name: str) -> set[str]:
-    return {layer for layer in layers if name in layer.split("/")}
 
 
 #: What every ``where=`` of the library takes: ``None`` (the default rule), a rule, a predicate.

@@ -37,7 +37,7 @@ _IMAGENET = {"dataset": "imagenet2012", "dataset_options.data_dir": None,
 _DOREFA = {**_IMAGENET, "model": "resnet18", "num_epochs": 80.0, "learning_rate": 1e-4,
            "schedule.milestones": (30, 60, 85, 95), "qat.enabled": True, "qat.weight_bits": 4,
            "qat.act_bits": 4, "qat.weight_quantizer": "dorefa", "qat.act_quantizer": "dorefa",
-           "qat.keep_first_float": True, "qat.keep_last_float": True}
+           "qat.layers": "paper"}
 _MATRYOSHKA = {**_MNIST, "kure.lambda_": 0.0, "num_epochs": 5.0, "qat.enabled": True,
                "qat.weight_quantizer": "matryoshka", "qat.weight_bits": 4, "qat.act_bits": None,
                "qat.bits": (8, 4, 2), "qat.multibit": "sum", "qat.bn_per_bits": False}

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 from safetensors import safe_open
 
-import kure_jax
 from kure_jax import QuantPolicy, quantize_params
 from kure_jax.deploy import export as ex
 
@@ -70,7 +69,7 @@ def test_codes_lie_in_the_policy_range_and_the_header_describes_them(params, pol
     ex.export_integer_weights(params, policy, path)
     loaded = ex.load_integer_weights(path)
     narrow = policy.narrow_range and policy.symmetric and policy.signed
-    qmin, qmax = kure_jax.integer_range(policy.bits, policy.signed, narrow_range=narrow)
+    qmin, qmax = ex.integer_range(policy.bits, policy.signed, narrow_range=narrow)
     entries = loaded.metadata["tensors"]
     assert set(entries) == {"params/conv/kernel", "params/dense/kernel"}
     for name, t in loaded.tensors.items():

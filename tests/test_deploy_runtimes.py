@@ -24,8 +24,8 @@ from _training_helpers import train_small_cnn
 
 from kure_jax import QuantPolicy, quantize_params
 from kure_jax.data.mnist5k import load_mnist5k
-from kure_jax.deploy import linen_inference, litert, onnx_runtime
-from kure_jax.deploy.runtime import RuntimeResult, require
+from kure_jax.deploy import litert, onnx_runtime
+from kure_jax.deploy.runtime import RuntimeResult, linen_inference, require
 from kure_jax.evaluation.calibration import activation_quantized, calibrate_activations
 
 LAYERS = ("stem_conv", "conv1", "hidden", "head")

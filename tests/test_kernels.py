@@ -23,6 +23,7 @@ from hypothesis.extra import numpy as hnp
 import kure_jax
 from kure_jax import kernels, quant
 from kure_jax.kernels import _config, _ops
+from kure_jax.kurtosis import kurtosis_many, penalty_and_kurtosis, tensor_moments
 from kure_jax.quant.policy import QuantPolicy
 
 HASH = {"noise": "hash"}  # The kernels' noise stream, on the jnp path too.
@@ -273,7 +274,7 @@ def _assert_grads_close(got, want, rel):
 
 def test_tensor_moments_match_numpy_float64():
     leaves = [leaf for _, leaf in kure_jax.select(_params(offset=100.0))]
-    got = jax.jit(lambda ts: kure_jax.tensor_moments(ts, block_size=64, **PALLAS))(leaves)
+    got = jax.jit(lambda ts: tensor_moments(ts, block_size=64, **PALLAS))(leaves)
     for i, leaf in enumerate(leaves):
         w = np.asarray(leaf, np.float64).ravel()
         d = w - w.mean()
@@ -290,7 +291,7 @@ def test_kurtosis_many_matches_float64_with_gradient(ddof):
     # A mean 350x the spread: per-block centring after a per-tensor shift keeps 1e-6 accuracy.
     leaves = [leaf for _, leaf in kure_jax.select(_params(offset=100.0))]
     leaves.append(jnp.full((5, 4), 2.5))
-    ours = jax.jit(lambda ts: kure_jax.kurtosis_many(ts, ddof=ddof, block_size=128, **PALLAS))
+    ours = jax.jit(lambda ts: kurtosis_many(ts, ddof=ddof, block_size=128, **PALLAS))
     want = [_np_kurtosis(t, ddof) for t in leaves[:-1]]
     np.testing.assert_allclose(ours(leaves)[:-1], [k for k, _ in want], rtol=2e-6)
     assert float(ours(leaves)[-1]) == 0.0  # Constant tensor: 0, as kure_jax.kurtosis.
@@ -312,13 +313,13 @@ def test_kurtosis_many_is_scale_free(scale):
     base = [np.asarray(leaf, np.float64) for _, leaf in kure_jax.select(_params(offset=3.0))
             if leaf.dtype == jnp.float32]
     leaves = [jnp.asarray(w * scale, jnp.float32) for w in base]
-    ours = jax.jit(lambda ts: kure_jax.kurtosis_many(ts, block_size=64, **PALLAS))
+    ours = jax.jit(lambda ts: kurtosis_many(ts, block_size=64, **PALLAS))
     want = [_np_kurtosis(w, 0) for w in base]
     np.testing.assert_allclose(ours(leaves), [k for k, _ in want], rtol=2e-6)
     grads = jax.grad(lambda ts: jnp.sum(ours(ts)))(leaves)
     _assert_grads_close([g * scale for g in grads], [g for _, g in want], rel=1e-5)
     if 1e-10 <= scale <= 1e10:  # Raw moments themselves are float32 (m2 ~ scale^2).
-        moments = kure_jax.tensor_moments(leaves[:1], block_size=64, **PALLAS)
+        moments = tensor_moments(leaves[:1], block_size=64, **PALLAS)
         np.testing.assert_allclose(float(moments.m2[0]) / scale**2, np.var(base[0]), rtol=1e-5)
 
 
@@ -456,7 +457,7 @@ def test_tpu_variant_runs_in_interpret_mode():
     np.testing.assert_array_equal(out, quant.fake_quant(x, s, bits=4))
     leaves = [_normal((20, 60)), _normal((1100,), seed=2)]  # 1024-element blocks, 2 each.
     np.testing.assert_allclose(
-        kure_jax.kurtosis_many(leaves, impl="pallas", platform="tpu", interpret=True,
+        kurtosis_many(leaves, impl="pallas", platform="tpu", interpret=True,
                               block_size=1024),
         jnp.stack([kure_jax.kurtosis(t) for t in leaves]), rtol=2e-5)
 
@@ -482,20 +483,20 @@ def test_invalid_arguments_raise():
     with pytest.raises(ValueError, match="step_ratio"):
         kure_jax.quantize(x, QuantPolicy(bits=4), step_ratio=-1.0, **PALLAS)
     with pytest.raises(ValueError, match="block_size"):
-        kure_jax.tensor_moments([x], block_size=100, **PALLAS)
+        tensor_moments([x], block_size=100, **PALLAS)
     with pytest.raises(ValueError, match="non-empty"):
-        kure_jax.tensor_moments([], **PALLAS)
+        tensor_moments([], **PALLAS)
     with pytest.raises(ValueError, match="ddof"):
-        kure_jax.kurtosis_many([jnp.ones(1)], ddof=1, **PALLAS)
+        kurtosis_many([jnp.ones(1)], ddof=1, **PALLAS)
     with pytest.raises(ValueError, match="ddof must be an int >= 0"):
-        kure_jax.kurtosis_many([x], ddof=-1, **PALLAS)
+        kurtosis_many([x], ddof=-1, **PALLAS)
     with pytest.raises(ValueError, match="finite and > 0"):
         kure_jax.fake_quant(x, np.inf, bits=4, **PALLAS)
     # A lone array would be taken as the sequence of its rows, a dict as its keys.
     for not_a_list in (x, {"a": x}):
         with pytest.raises(TypeError, match="list or tuple of arrays"):
-            kure_jax.kurtosis_many(not_a_list, **PALLAS)
-    np.testing.assert_allclose(kure_jax.kurtosis_many((x,), ddof=np.int64(1), **PALLAS),
+            kurtosis_many(not_a_list, **PALLAS)
+    np.testing.assert_allclose(kurtosis_many((x,), ddof=np.int64(1), **PALLAS),
                                kure_jax.kurtosis(x, ddof=1)[None], rtol=1e-6)
 
 
@@ -550,7 +551,7 @@ def test_penalty_equal_across_impls(reduction):
                                      interpret=True) for impl in kernels.IMPLS}
     for impl, value in values.items():
         np.testing.assert_allclose(value, values["jnp"], rtol=2e-5, err_msg=impl)
-    value, kurt = kure_jax.penalty_and_kurtosis(params, reduction=reduction, **PALLAS)
+    value, kurt = penalty_and_kurtosis(params, reduction=reduction, **PALLAS)
     np.testing.assert_allclose(value, values["jnp"], rtol=2e-5)
-    np.testing.assert_allclose(kurt, kure_jax.kurtosis_many(
+    np.testing.assert_allclose(kurt, kurtosis_many(
         [leaf for _, leaf in kure_jax.select(params)]), rtol=2e-6)

@@ -10,7 +10,16 @@ import pytest
 import scipy.stats
 
 import kure_jax
-from kure_jax.kurtosis import add_penalty, kurtosis, kurtosis_report, penalty
+from kure_jax.kurtosis import (
+    Moments,
+    add_penalty,
+    kurtosis,
+    kurtosis_many,
+    kurtosis_report,
+    penalty,
+    penalty_and_kurtosis,
+    tensor_moments,
+)
 
 JIT_MODES = pytest.mark.parametrize("use_jit", [False, True], ids=["eager", "jit"])
 
@@ -314,16 +323,16 @@ def test_public_api_exports():
     for name in ("kurtosis", "penalty", "kurtosis_report", "add_penalty", "paper_selection",
                  "kurtosis_many", "tensor_moments", "penalty_and_kurtosis"):
         assert callable(getattr(kure_jax, name))
-    assert kure_jax.Moments._fields == ("mean", "m2", "m3", "m4", "absmax")
+    assert Moments._fields == ("mean", "m2", "m3", "m4", "absmax")
 
 
 def test_kurtosis_many_and_tensor_moments_match_per_tensor_numpy():
     tensors = [make_params()["params"][k]["kernel"] for k in KERNELS]
     np.testing.assert_allclose(
-        kure_jax.kurtosis_many(tensors, ddof=1),
+        kurtosis_many(tensors, ddof=1),
         [scipy.stats.kurtosis(t, axis=None, fisher=False) * ((t.size - 1) / t.size) ** 2
          for t in tensors], rtol=1e-5)
-    moments = jax.jit(kure_jax.tensor_moments)(tensors)
+    moments = jax.jit(tensor_moments)(tensors)
     for i, t in enumerate(tensors):
         d = np.asarray(t, np.float64).ravel() - np.mean(t)
         np.testing.assert_allclose(
@@ -331,18 +340,18 @@ def test_kurtosis_many_and_tensor_moments_match_per_tensor_numpy():
             [np.mean(t), np.mean(d**2), np.mean(d**4), np.abs(t).max()], rtol=1e-5, atol=1e-7)
         np.testing.assert_allclose(moments.m3[i], np.mean(d**3), atol=1e-5 * np.std(d) ** 3)
     with pytest.raises(TypeError, match="list or tuple"):
-        kure_jax.kurtosis_many(tensors[0])
+        kurtosis_many(tensors[0])
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "max"])
 def test_penalty_and_kurtosis_is_the_penalty_and_its_kurtosis(reduction):
     params = make_params()
-    value, kurt = jax.jit(functools.partial(kure_jax.penalty_and_kurtosis,
+    value, kurt = jax.jit(functools.partial(penalty_and_kurtosis,
                                             reduction=reduction))(params)
     # rtol: jit vs eager rounding of the same float32 computation.
     np.testing.assert_allclose(value, penalty(params, reduction=reduction), rtol=1e-5)
     report = kurtosis_report(params)
     np.testing.assert_allclose(kurt, [report[name] for name in report], rtol=1e-5)
-    g = jax.grad(lambda p: kure_jax.penalty_and_kurtosis(p, reduction=reduction)[0])(params)
+    g = jax.grad(lambda p: penalty_and_kurtosis(p, reduction=reduction)[0])(params)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8), g,
                  jax.grad(functools.partial(penalty, reduction=reduction))(params))

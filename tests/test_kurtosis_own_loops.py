@@ -11,6 +11,7 @@ import scipy.stats
 from flax import nnx
 
 import kure_jax
+from kure_jax.kurtosis import AddPenaltyState
 
 
 def _params():
@@ -78,7 +79,7 @@ def test_a_schedule_as_coeff_counts_steps_in_its_own_state():
     warmup = optax.linear_schedule(0.0, 1.0, transition_steps=4)
     tx = kure_jax.add_penalty(coeff=warmup, axis=(0,))
     state = tx.init(params)
-    assert isinstance(state, kure_jax.AddPenaltyState) and int(state.count) == 0
+    assert isinstance(state, AddPenaltyState) and int(state.count) == 0
     update = jax.jit(tx.update)
     for step in range(6):
         updates, state = update(_zeros(params), state, params)
@@ -145,7 +146,7 @@ def test_nnx_state_gets_linen_style_names():
     conv = np.asarray(state["conv"]["kernel"][...])
     np.testing.assert_allclose(report["conv/kernel"],
                                scipy.stats.kurtosis(conv, axis=None, fisher=False), rtol=1e-5)
-    assert [n for n, _ in kure_jax.select(state, kure_jax.paper_selection(state))] == [
+    assert [n for n, _ in kure_jax.select(state, kure_jax.PAPER_LAYERS)] == [
         "conv2/kernel"]
 
 

@@ -9,7 +9,8 @@ import optax
 import pytest
 
 from kure_jax import models
-from kure_jax.selection import paper_selection, select
+from kure_jax.models._base import HEAD_NAME, STEM_NAME
+from kure_jax.selection import PAPER_LAYERS, layer_order, select
 
 IMAGENET = ("resnet18", "resnet50", "mobilenet_v2")
 SMALL = ("resnet20", "small_cnn")
@@ -117,11 +118,11 @@ def test_stem_and_head_names_and_kernel_leaves(name):
     num_classes = _classes(name)
     variables, _ = _abstract_variables(models.get_model(name, num_classes=num_classes), name)
     params = variables["params"]
-    stem = params[models.STEM_NAME]["kernel"]
-    head = params[models.HEAD_NAME]["kernel"]
+    stem = params[STEM_NAME]["kernel"]
+    head = params[HEAD_NAME]["kernel"]
     assert stem.ndim == 4 and stem.shape[2] == models.MODEL_INPUT_SHAPES[name][-1]
     assert head.ndim == 2 and head.shape[1] == num_classes
-    assert params[models.HEAD_NAME]["bias"].shape == (num_classes,)
+    assert params[HEAD_NAME]["bias"].shape == (num_classes,)
     leaves = _named_leaves(params)
     weights = [path for path, leaf in leaves if leaf.ndim >= 2]
     assert weights and all(path[-1] == "kernel" for path in weights)
@@ -133,24 +134,16 @@ def test_stem_and_head_names_and_kernel_leaves(name):
 
 @pytest.mark.parametrize("name", models.MODEL_NAMES)
 def test_stem_called_first_and_head_last(name):
-    # Inside a trace, init returns dicts in module call order; jax.tree re-sorts
-    # them on output, so the order is recorded while tracing.
+    # eval_shape returns key-sorted dicts: the call order comes from the jaxpr (layer_order).
     model = models.get_model(name, num_classes=_classes(name))
-    seen = {}
-
-    def init(key, x):
-        variables = model.init(key, x)
-        seen["order"] = list(variables["params"])
-        kernels = {p for p, _ in select(variables)}
-        chosen = {p for p, _ in select(variables, paper_selection(variables))}
-        seen["excluded"] = kernels - chosen
-        return variables
-
-    _, x = _abstract_variables(model, name)
-    jax.eval_shape(init, jax.random.key(0), x)
-    assert seen["order"][0] == models.STEM_NAME
-    assert seen["order"][-1] == models.HEAD_NAME
-    assert seen["excluded"] == {"params/stem_conv/kernel", "params/head/kernel"}
+    variables, x = _abstract_variables(model, name)
+    forward = lambda v: model.apply(v, jnp.zeros(x.shape), mutable=True)
+    order = layer_order(forward, variables)
+    assert order[0] == STEM_NAME
+    assert order[-1] == HEAD_NAME
+    kernels = {p for p, _ in select(variables)}
+    chosen = {p for p, _ in select(variables, PAPER_LAYERS.where(variables, forward=forward))}
+    assert kernels - chosen == {"params/stem_conv/kernel", "params/head/kernel"}
 
 
 @pytest.mark.parametrize(
@@ -206,8 +199,8 @@ def test_forward_backward_and_batch_stats(name, small_cnn_variables):
     assert np.isfinite(loss) and np.all(np.isfinite(logits))
     assert jax.tree.structure(grads) == jax.tree.structure(params)
     assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
-    assert np.any(grads[models.STEM_NAME]["kernel"] != 0)
-    assert np.any(grads[models.HEAD_NAME]["kernel"] != 0)
+    assert np.any(grads[STEM_NAME]["kernel"] != 0)
+    assert np.any(grads[HEAD_NAME]["kernel"] != 0)
     old = jax.tree.leaves(batch_stats)
     assert all(np.all(a != b) for a, b in zip(old, jax.tree.leaves(new_stats), strict=True))
 
@@ -276,7 +269,7 @@ def test_small_cnn_hidden_norm_follows_numpy_reference():
     logits, state = apply(variables, x)
     h = np.asarray(state["intermediates"]["hidden"]["__call__"][0], np.float64)
     normed = (h - h.mean(axis=0)) / np.sqrt(h.var(axis=0) + 1e-5)
-    head = variables["params"][models.HEAD_NAME]
+    head = variables["params"][HEAD_NAME]
     expected = np.maximum(normed, 0) @ np.asarray(head["kernel"], np.float64) + np.asarray(
         head["bias"], np.float64)
     np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4)

@@ -18,6 +18,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from kure_jax import PAPER_LAYERS, LayerRule
 from kure_jax.models import get_model
 from kure_jax.qat import (
     QUANT_COLLECTION,
@@ -29,7 +30,7 @@ from kure_jax.qat import (
 )
 
 jit_or_not = pytest.mark.parametrize("use_jit", [False, True], ids=["eager", "jit"])
-ALL_QUANT = dict(keep_first_float=False, keep_last_float=False)
+ALL_QUANT = dict(layers=LayerRule())
 F32 = np.float32
 
 
@@ -173,8 +174,12 @@ def test_config_fields_and_flags():
     assert not cfg.has_learned_state and cfg.quantizes
     assert hash(cfg) == hash(dataclasses.replace(cfg))
     assert not QATConfig(weight_bits=None, act_bits=None).quantizes
-    with pytest.raises(ValueError, match="keep_first_float must be True or False"):
-        QATConfig(keep_first_float=1)
+    with pytest.raises(ValueError, match=r"QATConfig.layers: .*\['paper', 'kernels'\]"):
+        QATConfig(layers="all")
+    assert QATConfig(layers="kernels").layers == LayerRule()
+    assert QATConfig().layers == PAPER_LAYERS
+    with pytest.raises(ValueError, match="lsq_grad_scale must be True or False"):
+        QATConfig(lsq_grad_scale=1)
     with pytest.raises(ValueError, match=r"kernel_impl must be one of \('auto', 'pallas', 'jnp'\)"):
         QATConfig(kernel_impl="triton")
 
@@ -318,10 +323,11 @@ class Captured(nn.Module):
 def test_kernels_on_grid_and_first_last_float(keep_first, keep_last):
     log, x = [], _images((2, 5, 5, 2), seed=4)
     # The shape-only discovery trace also calls the layers: keep the concrete calls only.
-    record = lambda *a: None if isinstance(a[1], jax.core.Tracer) else log.append(a)
+    traced = lambda a: any(isinstance(v, jax.core.Tracer) for v in a[1:])
+    record = lambda *a: None if traced(a) else log.append(a)
     model = Captured(record=record)
-    cfg = QATConfig(weight_bits=3, act_bits=4, keep_first_float=keep_first,
-                    keep_last_float=keep_last)
+    cfg = QATConfig(weight_bits=3, act_bits=4,
+                    layers=LayerRule(skip_first=keep_first, skip_last_dense=keep_last))
     variables = quantized_init(model, jax.random.key(3), x, qat=cfg)
     log.clear()
     quantized_apply(model, variables, x, qat=cfg)
@@ -474,7 +480,8 @@ def test_qat_sgd_reduces_loss(quantizer):
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(16, 28, 28, 1)), jnp.float32)
     labels = jnp.asarray(rng.integers(0, 4, size=16))
-    cfg = QATConfig(weight_quantizer=quantizer, act_quantizer=quantizer, keep_first_float=False)
+    cfg = QATConfig(weight_quantizer=quantizer, act_quantizer=quantizer,
+                    layers=LayerRule(skip_last_dense=True))
     variables = quantized_init(model, jax.random.key(0), x, qat=cfg)
     trainable = {k: variables[k] for k in ("params", QUANT_COLLECTION)}
     stats = variables["batch_stats"]

@@ -11,6 +11,7 @@ import pytest
 from flax import nnx
 
 import kure_jax
+from kure_jax import LayerRule
 from kure_jax.qat import QATConfig
 from kure_jax.qat import nnx as qat_nnx
 
@@ -56,9 +57,10 @@ def _pair(qat):
 QATS = [
     QATConfig(weight_bits=4, act_bits=4),
     QATConfig(weight_bits=3, act_bits=8, weight_quantizer="learned_clip",
-              act_quantizer="learned_clip", keep_first_float=False),
+              act_quantizer="learned_clip", layers=LayerRule(skip_last_dense=True)),
     QATConfig(weight_bits=4, act_bits=4, weight_quantizer="max", act_quantizer="max"),
-    QATConfig(weight_bits=2, act_bits=None, weight_quantizer="dorefa", keep_last_float=False),
+    QATConfig(weight_bits=2, act_bits=None, weight_quantizer="dorefa",
+              layers=LayerRule(skip_first=True)),
     QATConfig(weight_bits=4, act_bits=8, weight_quantizer="matryoshka",
               act_quantizer="matryoshka"),
 ]
@@ -68,9 +70,9 @@ QATS = [
 def test_same_logits_and_gradients_as_linen(qat):
     linen, variables, model, quantized = _pair(qat)
     expected_layers = ["conv1", "conv2", "dense1", "head"]
-    if qat.keep_first_float:
+    if qat.layers.skip_first:
         expected_layers.remove("conv1")
-    if qat.keep_last_float:
+    if qat.layers.skip_last_dense:
         expected_layers.remove("head")
     assert quantized == expected_layers
 
@@ -154,7 +156,7 @@ def test_quantize_model_restores_state_changed_by_its_forward_passes():
     model = WithBatchNorm(nnx.Rngs(0))
     before = nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
     qat_nnx.quantize_model(model, _images(0), qat=QATConfig(weight_bits=4, act_bits=4,
-                                                            keep_first_float=False))
+                                                            layers=LayerRule(skip_last_dense=True)))
     after = nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
     jax.tree.map(np.testing.assert_array_equal, after, before)
     assert qat_nnx.is_quantized(model.conv) and not qat_nnx.is_quantized(model.head)

@@ -14,7 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from kure_jax.quant import (
+from kure_jax.quant.ops import (
     MAX_BITS,
     MIN_BITS,
     ROUNDING_MODES,

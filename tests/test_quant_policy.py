@@ -1,4 +1,4 @@
-"""Tests for kure_jax.policy: QuantPolicy validation, compute_step and quantize.
+"""Tests for kure_jax.quant.policy: QuantPolicy validation, compute_step and quantize.
 
 References are written here in NumPy/SciPy: the step rules of the policy docstring, np.percentile,
 and the ACIQ constants re-derived by minimising the ACIQ MSE expression with scipy.

@@ -1,4 +1,4 @@
-"""Tests for kure_jax.ptq.quantize_params on Flax-style params trees."""
+"""Tests for kure_jax.quant.ptq.quantize_params on Flax-style params trees."""
 
 import functools
 

@@ -17,7 +17,8 @@ import pytest
 from _training_helpers import ROOT, train_small_cnn
 
 from kure_jax.data.mnist5k import load_mnist5k
-from kure_jax.deploy import linen_inference, litert, onnx_runtime
+from kure_jax.deploy import litert, onnx_runtime
+from kure_jax.deploy.runtime import linen_inference
 from kure_jax.evaluation import SweepSpec, evaluate_model, load_sweep, validate_results
 from kure_jax.evaluation.runtimes import RuntimePackageError
 

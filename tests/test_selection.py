@@ -1,4 +1,4 @@
-"""Leaf selection: default rule, predicates, the paper's selection on real Flax params."""
+"""Leaf selection: default rule, predicates, LayerRule and the call order on real Flax params."""
 
 import flax.linen as nn
 import jax
@@ -10,7 +10,7 @@ import kure_jax
 from kure_jax.selection import (
     as_rule,
     edge_layers,
-    paper_selection,
+    layer_order,
     path_to_str,
     select,
     selection_mask,
@@ -50,20 +50,23 @@ def test_selection_mask_structure_and_values():
     assert mask == {"dense": {"kernel": True, "bias": False}}
 
 
-def test_paper_selection_excludes_first_conv_and_last_dense(flax_variables):
-    where = paper_selection(flax_variables)
+def _twelve_forward(variables):
+    return TwelveConvNet().apply(variables, jnp.zeros((1, 8, 8, 2)))
+
+
+def test_paper_layers_exclude_first_conv_and_last_dense(flax_variables):
+    # eval_shape's dicts are key-sorted ("Conv_10" < "Conv_2"): the order comes from forward.
+    assert layer_order(_twelve_forward, flax_variables) == [
+        *(f"Conv_{i}" for i in range(12)), "Dense_0", "Dense_1"]
+    where = kure_jax.PAPER_LAYERS.where(flax_variables, forward=_twelve_forward)
     names = {name for name, _ in select(flax_variables, where)}
     assert "params/Conv_0/kernel" not in names
     assert "params/Dense_1/kernel" not in names
     assert {"params/Conv_1/kernel", "params/Conv_10/kernel", "params/Conv_11/kernel"} <= names
     assert "params/Dense_0/kernel" in names
     assert len(names) == 12
-
-
-def test_paper_selection_applies_with_or_without_params_key(flax_variables):
-    where = paper_selection(flax_variables)
     inner = {name for name, _ in select(flax_variables["params"], where)}
-    assert len(inner) == 12 and "Conv_0/kernel" not in inner
+    assert len(inner) == 12 and "Conv_0/kernel" not in inner  # with or without "params"
 
 
 class NamedOutOfOrderNet(nn.Module):
@@ -77,17 +80,40 @@ class NamedOutOfOrderNet(nn.Module):
         return nn.Dense(2, name="a_out")(x)
 
 
-def test_paper_selection_uses_call_order_of_eager_init():
-    variables = NamedOutOfOrderNet().init(jax.random.key(0), jnp.zeros((1, 6, 6, 1)))
-    names = {name for name, _ in select(variables, paper_selection(variables))}
-    assert names == {"params/a_second/kernel", "params/b_hidden/kernel"}
+def test_layer_order_is_the_call_order_whatever_the_dict_order():
+    x = jnp.zeros((1, 6, 6, 1))
+    eager = NamedOutOfOrderNet().init(jax.random.key(0), x)  # insertion = call order
+    jitted = jax.jit(NamedOutOfOrderNet().init)(jax.random.key(0), x)  # key-sorted
+    forward = lambda v: NamedOutOfOrderNet().apply(v, x)
+    for variables in (eager, jitted):
+        assert layer_order(forward, variables) == ["z_first", "a_second", "b_hidden", "a_out"]
+        where = kure_jax.PAPER_LAYERS.where(variables, forward=forward)
+        assert {n for n, _ in select(variables, where)} == {
+            "params/a_second/kernel", "params/b_hidden/kernel"}
+    # Without forward only an eager init's insertion order is the call order.
+    assert {n for n, _ in select(eager, kure_jax.PAPER_LAYERS)} == {
+        "params/a_second/kernel", "params/b_hidden/kernel"}
 
 
-def test_paper_selection_errors():
-    with pytest.raises(ValueError, match="conv kernels"):
-        paper_selection({"Dense_0": {"kernel": np.ones((3, 4))}})
-    with pytest.raises(ValueError, match="leaves nothing"):
-        paper_selection({"Conv_0": {"kernel": np.ones((3, 3, 1, 2))}})
+def test_layer_order_of_an_nnx_model():
+    from flax import nnx
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.z_stem = nnx.Conv(1, 4, (3, 3), rngs=rngs)
+            self.a_head = nnx.Linear(4, 2, rngs=rngs)
+
+        def __call__(self, x):
+            return self.a_head(self.z_stem(x).mean(axis=(1, 2)))
+
+    graphdef, state = nnx.split(Net(nnx.Rngs(0)))
+    forward = lambda s: nnx.merge(graphdef, s)(jnp.zeros((1, 6, 6, 1)))
+    assert layer_order(forward, state) == ["z_stem", "a_head"]  # the state is name-sorted
+
+
+def test_paper_layers_leave_nothing_of_a_one_conv_model():
+    with pytest.raises(ValueError, match="selects no layer of \\['Conv_0'\\]"):
+        select({"Conv_0": {"kernel": np.ones((3, 3, 1, 2))}}, kure_jax.PAPER_LAYERS)
 
 
 def test_predicate_receives_string_paths():
@@ -98,29 +124,34 @@ def test_predicate_receives_string_paths():
     assert path_to_str(("a", "1", "kernel")) == "a/1/kernel"
 
 
-def test_paper_selection_prefers_layer_names_over_order():
-    # Sorted (non call-order) dict, as jax.jit(model.init) returns: names decide.
+def test_layer_rule_excludes_layers_by_name(flax_variables):
     params = {
         "block": {"kernel": np.ones((3, 3, 4, 4))},
         "head": {"kernel": np.ones((4, 2))},
         "proj": {"kernel": np.ones((4, 4))},
         "stem_conv": {"kernel": np.ones((3, 3, 1, 4))},
     }
-    names = {name for name, _ in select(params, paper_selection(params))}
-    assert names == {"block/kernel", "proj/kernel"}
-
-
-def test_paper_selection_explicit_names(flax_variables):
-    where = paper_selection(flax_variables, first_conv="Conv_3", last_dense="Dense_0")
-    names = {name for name, _ in select(flax_variables, where)}
+    rule = kure_jax.LayerRule(exclude="stem_conv|head")
+    assert {name for name, _ in select(params, rule)} == {"block/kernel", "proj/kernel"}
+    names = {n for n, _ in select(flax_variables, kure_jax.LayerRule(exclude="Conv_3|Dense_0"))}
     assert "params/Conv_3/kernel" not in names and "params/Dense_0/kernel" not in names
     assert "params/Conv_0/kernel" in names and "params/Dense_1/kernel" in names
-    with pytest.raises(ValueError, match="matches no kernel"):
-        paper_selection(flax_variables, first_conv="nope")
+
+
+def test_an_unused_rule_is_reported_by_name():
+    # As qwix's get_unused_rules: a typo in exclude would otherwise exclude nothing, silently.
+    rule = kure_jax.LayerRule(exclude="hed")
+    assert rule.unused(list(RULE_PARAMS)) == ["exclude='hed'"]
+    with pytest.warns(UserWarning, match=r"exclude='hed' matches no layer of \['stem', "):
+        names = rule.layers(RULE_PARAMS)
+    assert names == ["stem", "block1/conv1", "block1/conv2", "fc", "head"]
+    with pytest.raises(ValueError, match=r"selects no layer.*; include='nope' matches no layer"):
+        kure_jax.LayerRule(include="nope").layers(RULE_PARAMS)
+    assert kure_jax.LayerRule(exclude="head").unused(list(RULE_PARAMS)) == []
 
 
 # ---------------------------------------------------------------------------------------------
-# LayerRule: the one rule type behind paper_selection, QAT's float layers and the sweep.
+# LayerRule: the one rule type of the penalty, PTQ, QAT's layers and the sweep.
 
 RULE_PARAMS = {
     "stem": {"kernel": np.ones((3, 3, 1, 4))},
@@ -176,12 +207,6 @@ def test_layer_rule_errors():
         kure_jax.LayerRule(include="nope").layers(RULE_PARAMS)
     with pytest.raises(ValueError, match=r"matched no leaf|selects no layer"):
         kure_jax.penalty(RULE_PARAMS, where=kure_jax.LayerRule(include="nope"))
-
-
-def test_paper_selection_is_the_paper_rule_on_unnamed_models():
-    where = paper_selection(RULE_PARAMS)
-    assert [n for n, _ in select(RULE_PARAMS, where)] == [
-        n for n, _ in select(RULE_PARAMS, kure_jax.PAPER_LAYERS)]
 
 
 def test_edge_layers():

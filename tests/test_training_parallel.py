@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from _training_helpers import load_config
 
-from kure_jax.data import get_dataset, process_slice
+from kure_jax.data import get_dataset
+from kure_jax.data.base import process_slice
 from kure_jax.training import (
     MeshParallel,
     PmapParallel,

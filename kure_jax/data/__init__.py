@@ -13,22 +13,16 @@ Modules, each importing only those listed before it:
   modules only when one of their datasets is built).
 """
 
-from kure_jax.data.base import Batch as Batch
 from kure_jax.data.base import Dataset as Dataset
-from kure_jax.data.base import process_slice as process_slice
 from kure_jax.data.in_memory import InMemoryDataset as InMemoryDataset
-from kure_jax.data.mnist5k import ArraySplit as ArraySplit
 from kure_jax.data.mnist5k import load_mnist5k as load_mnist5k
 from kure_jax.data.registry import DATASET_NAMES as DATASET_NAMES
 from kure_jax.data.registry import get_dataset as get_dataset
 
 __all__ = [
     "DATASET_NAMES",
-    "ArraySplit",
-    "Batch",
     "Dataset",
     "InMemoryDataset",
     "get_dataset",
     "load_mnist5k",
-    "process_slice",
 ]

@@ -51,7 +51,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from kure_jax import selection
-from kure_jax.quant import QuantPolicy, compute_step, integer_range, kept_axes, round_values
+from kure_jax.quant.ops import integer_range, round_values
+from kure_jax.quant.policy import QuantPolicy, compute_step, kept_axes
 
 __all__ = [
     "FORMAT",

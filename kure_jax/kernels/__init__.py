@@ -2,14 +2,14 @@
 
 The public ops take an ``impl`` argument and call these backends when the kernel runs:
 ``kure_jax.fake_quant`` / ``kure_jax.quantize`` (fake quantisation with a given or an absmax
-step) and ``kure_jax.penalty`` / ``kurtosis_many`` / ``tensor_moments`` (KURE moments). This
+step) and ``kure_jax.penalty`` (KURE moments). This
 package imports nothing of the core (only ``kure_jax._arrays``-level helpers); it holds the
 kernels and the dispatch configuration:
 
 * ``impl``: ``"pallas"`` (the kernel; an input it cannot handle raises ValueError), ``"jnp"``
   (the library's plain ``jax.numpy`` op), ``"auto"`` (the kernel on the backends in
   ``AUTO_PALLAS_BACKENDS`` where it was measured faster than XLA — the penalty, and fake-quant
-  of 16-bit inputs with deterministic rounding, :func:`auto_takes_fake_quant` — and jnp
+  of 16-bit inputs with deterministic rounding, ``auto_takes_fake_quant`` — and jnp
   otherwise or for inputs it cannot handle) or ``None``, which reads the ``KURE_JAX_KERNELS``
   environment variable (same values), default ``"auto"`` (:func:`resolve_impl`). The choice is
   made while tracing, so it is fixed per compiled program.
@@ -26,6 +26,9 @@ what the kernels gain, and where they do not, per backend.
 Array([ 0.5, -1. ,  1.5], dtype=float32)
 """
 
+# Besides the public names of __all__, the backend interface that kure_jax's core calls
+# (``kernels.fake_quant_problem(...)``, ...) is imported here: internal, neither documented nor
+# promised to users.
 from kure_jax.kernels._config import AUTO_PALLAS_BACKENDS as AUTO_PALLAS_BACKENDS
 from kure_jax.kernels._config import ENV_VAR as ENV_VAR
 from kure_jax.kernels._config import IMPLS as IMPLS
@@ -42,18 +45,9 @@ from kure_jax.kernels._moments import moments_pallas as moments_pallas
 from kure_jax.kernels._moments import moments_problem as moments_problem
 
 __all__ = [
-    "AUTO_PALLAS_BACKENDS",
     "ENV_VAR",
     "IMPLS",
-    "PLATFORMS",
-    "absmax_pallas",
-    "absmax_problem",
-    "auto_takes_fake_quant",
     "fake_quant_pallas",
-    "fake_quant_problem",
-    "hash_uniform",
-    "kurtosis_pallas",
     "moments_pallas",
-    "moments_problem",
     "resolve_impl",
 ]

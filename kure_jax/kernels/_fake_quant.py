@@ -117,7 +117,7 @@ def fake_quant_pallas(
         (e.g. ``(1, 1, 1, O)``) or leading (``(O, 1, 1, 1)``) axes.
       qmin: smallest integer code.
       qmax: largest integer code.
-      rounding: one of ``kure_jax.quant.ROUNDING_MODES``; ``"stochastic"`` draws
+      rounding: one of ``kure_jax.quant.ops.ROUNDING_MODES``; ``"stochastic"`` draws
         :func:`hash_uniform` noise inside the kernel.
       key: PRNG key, needed for ``"stochastic"``.
       grad_factor: factor of the step gradient (LSQ's ``1 / sqrt(N q_max)``, or 1).

@@ -31,7 +31,7 @@ def round_half_even(v: jax.Array) -> jax.Array:
 
 
 def round_values(v: jax.Array, rounding: str, noise: jax.Array | None) -> jax.Array:
-    """The rounding rules of ``kure_jax.quant.round_values`` from kernel-safe primitives.
+    """The rounding rules of ``kure_jax.quant.ops.round_values`` from kernel-safe primitives.
 
     ``noise`` holds U[0, 1) draws for ``"stochastic"`` and is ignored otherwise.
     """

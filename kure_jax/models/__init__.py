@@ -2,29 +2,25 @@
 
 All models take NHWC images, keep BatchNorm statistics in the ``batch_stats``
 collection, compute in ``dtype`` with float32 parameters, return float32 logits,
-and name their first conv ``stem_conv`` and their classifier ``head``.
+and name their first conv ``stem_conv`` and their classifier ``head``. Every model of
+``MODEL_NAMES`` (ResNet-20 included) is built by :func:`get_model`.
 """
 
-from kure_jax.models._base import HEAD_NAME, STEM_NAME, Classifier, ModuleDef
-from kure_jax.models.mobilenet import InvertedResidual, MobileNetV2
-from kure_jax.models.registry import MODEL_INPUT_SHAPES, MODEL_NAMES, get_model
-from kure_jax.models.resnet import BasicBlock, BottleneckBlock, ResNet, ResNet18, ResNet20, ResNet50
-from kure_jax.models.small import SmallCNN
+from kure_jax.models.mobilenet import MobileNetV2 as MobileNetV2
+from kure_jax.models.registry import MODEL_INPUT_SHAPES as MODEL_INPUT_SHAPES
+from kure_jax.models.registry import MODEL_NAMES as MODEL_NAMES
+from kure_jax.models.registry import get_model as get_model
+from kure_jax.models.resnet import ResNet as ResNet
+from kure_jax.models.resnet import ResNet18 as ResNet18
+from kure_jax.models.resnet import ResNet50 as ResNet50
+from kure_jax.models.small import SmallCNN as SmallCNN
 
 __all__ = [
-    "HEAD_NAME",
     "MODEL_INPUT_SHAPES",
     "MODEL_NAMES",
-    "STEM_NAME",
-    "BasicBlock",
-    "BottleneckBlock",
-    "Classifier",
-    "InvertedResidual",
     "MobileNetV2",
-    "ModuleDef",
     "ResNet",
     "ResNet18",
-    "ResNet20",
     "ResNet50",
     "SmallCNN",
     "get_model",

@@ -6,6 +6,7 @@ import dataclasses
 
 from kure_jax.kernels import IMPLS as KERNEL_IMPLS
 from kure_jax.quant.ops import MAX_BITS, MIN_BITS, validate_bits
+from kure_jax.selection import PAPER_LAYERS, LayerRule, as_rule
 
 QUANTIZERS: tuple[str, ...] = ("lsq", "dorefa", "learned_clip", "max", "matryoshka")
 LEARNED_QUANTIZERS: tuple[str, ...] = ("lsq", "learned_clip")
@@ -66,10 +67,11 @@ class QATConfig:
         module docstring).
         * ``"matryoshka"``: the top ``act_bits`` of per-tensor min-max ``nest_bits``-bit codes.
 
-      keep_first_float: the first quantisable layer called in the forward pass keeps a float
-        kernel and a float input (KURE and most QAT papers keep the stem conv in full precision).
-      keep_last_float: the last ``nn.Dense`` called (the classifier) stays float. A model with no
-        ``nn.Dense`` is not affected.
+      layers: the layers that quantise, a :class:`~kure_jax.selection.LayerRule` (or a name
+        :func:`~kure_jax.selection.as_rule` reads: ``"paper"``, ``"kernels"``); the others keep
+        a float kernel and a float input. Default :data:`~kure_jax.selection.PAPER_LAYERS`: the
+        first layer called (the stem conv) and the last dense layer (the classifier) stay float,
+        as in KURE and most QAT papers; ``LayerRule()`` quantises every conv/dense layer.
       lsq_grad_scale: scale the LSQ step gradients by ``1 / sqrt(N Q_p)`` (Esser et al.); used by
         ``"lsq"`` only.
       kernel_impl: how the quantizers with a fused kernel run (``"lsq"`` kernels and inputs,
@@ -93,7 +95,7 @@ class QATConfig:
     Raises:
       ValueError: on construction (or ``dataclasses.replace``) for bits outside [2, 16] (or not an
         int), an unknown quantizer name (the message lists ``QUANTIZERS``), an unknown
-        ``kernel_impl`` or a non-bool flag.
+        ``kernel_impl``, a non-bool flag or ``layers`` that is not a rule.
 
     >>> QATConfig(weight_bits=4, act_bits=None, weight_quantizer="dorefa").name
     'w4-dorefa/a-float'
@@ -103,8 +105,7 @@ class QATConfig:
     act_bits: int | None = 4
     weight_quantizer: str = "lsq"
     act_quantizer: str = "lsq"
-    keep_first_float: bool = True
-    keep_last_float: bool = True
+    layers: LayerRule = PAPER_LAYERS
     lsq_grad_scale: bool = True
     kernel_impl: str = "jnp"
     nest_bits: int = 8
@@ -141,11 +142,13 @@ class QATConfig:
             raise ValueError(
                 f"QATConfig.kernel_impl must be one of {KERNEL_IMPLS}; got {self.kernel_impl!r}."
             )
-        for field in ("keep_first_float", "keep_last_float", "lsq_grad_scale"):
-            if not isinstance(getattr(self, field), bool):
-                raise ValueError(
-                    f"QATConfig.{field} must be True or False; got {getattr(self, field)!r}."
-                )
+        if not isinstance(self.lsq_grad_scale, bool):
+            raise ValueError(
+                f"QATConfig.lsq_grad_scale must be True or False; got {self.lsq_grad_scale!r}.")
+        try:
+            object.__setattr__(self, "layers", as_rule(self.layers))
+        except ValueError as error:
+            raise ValueError(f"QATConfig.layers: {error}") from None
 
     @property
     def quantizes(self) -> bool:

@@ -17,8 +17,9 @@ dtype (float32) *before* the cast to the compute dtype (e.g. bfloat16).
 
 Layers are identified by their module path (``module.path``, e.g. ``("stage1_block1", "conv1")``);
 ``variables["quant"]`` mirrors the module tree, e.g. ``quant["stage1_block1"]["conv1"]
-["kernel_step"]``. "First" and "last" layer (``keep_first_float``/``keep_last_float``) are found in
-call order by a shape-only trace (``jax.eval_shape``) of the same call, so any model works.
+["kernel_step"]``. The layers that quantise are ``QATConfig.layers``, a
+:class:`~kure_jax.selection.LayerRule` resolved on the model's params with the call order of
+the same call (:func:`kure_jax.selection.layer_order`, a shape-only trace), so any model works.
 
 Quantizer state per quantised layer (all float32 scalars, one per tensor):
 
@@ -58,15 +59,13 @@ from kure_jax.qat.layer import (
     quantize_input,
     quantize_kernel,
 )
-from kure_jax.selection import LayerRule, LeafPredicate, edge_layers
+from kure_jax.selection import LayerRule, LeafPredicate
 
 __all__ = [
     "QUANTIZABLE_LAYERS",
-    "call_order",
     "init_quant_from_params",
     "is_quantizable",
     "layer_interceptor",
-    "layer_order",
     "quantized_apply",
     "quantized_init",
     "rule_predicate",
@@ -108,24 +107,6 @@ def layer_interceptor(wrap: LayerCall) -> Callable[..., Any]:
         return wrap(context.module, next_fun, args, kwargs)
 
     return interceptor
-
-
-def call_order(thunk: Callable[[], Any]) -> list[tuple[tuple[str, ...], type[nn.Module]]]:
-    """``(path, type)`` of every quantisable layer call made by ``thunk``, in call order.
-
-    ``thunk`` (a ``model.init``/``model.apply`` call) is only traced for shapes
-    (``jax.eval_shape``): nothing is computed and no variable changes. Works inside ``jit``.
-    """
-    calls = []
-
-    def record(module, call, args, kwargs):
-        calls.append((tuple(module.path), type(module)))
-        return call(*args, **kwargs)
-
-    with nn.intercept_methods(layer_interceptor(record)):
-        # Return nothing: the model's outputs need not be arrays.
-        jax.eval_shape(lambda: (thunk(), None)[1])
-    return calls
 
 
 def quantized_call(module: nn.Module, qat: QATConfig, call: Callable[[], _T]) -> _T:
@@ -233,9 +214,13 @@ def quantized_init(
     if not qat.quantizes:
         variables = dict(model.init(rngs, *args, **kwargs))
     else:
-        thunk = lambda: model.init(rngs, *args, **kwargs)
-        with nn.intercept_methods(_interceptor(qat, _float_paths(qat, thunk))):
-            variables = dict(thunk())
+        # The layers are resolved on abstract variables with the call order of the same pass.
+        abstract = jax.eval_shape(lambda: model.init(rngs, *args, **kwargs))
+        apply_kwargs = {k: v for k, v in kwargs.items() if k not in ("mutable", "rngs")}
+        apply_rngs = rngs if isinstance(rngs, Mapping) else {"params": rngs}
+        forward = lambda v: model.apply(v, *args, rngs=apply_rngs, mutable=True, **apply_kwargs)
+        with nn.intercept_methods(_interceptor(qat, _quantized_layers(qat, abstract, forward))):
+            variables = dict(model.init(rngs, *args, **kwargs))
     variables.setdefault(QUANT_COLLECTION, {})
     return variables
 
@@ -281,9 +266,9 @@ def quantized_apply(
             f"{QUANT_COLLECTION!r} collection (keys: {sorted(variables)}); create it with "
             "quantized_init or init_quant_from_params."
         )
-    thunk = lambda: model.apply(variables, *args, **kwargs)
-    with nn.intercept_methods(_interceptor(qat, _float_paths(qat, thunk))):
-        return thunk()
+    forward = lambda v: model.apply(v, *args, **kwargs)
+    with nn.intercept_methods(_interceptor(qat, _quantized_layers(qat, variables, forward))):
+        return forward(variables)
 
 
 def init_quant_from_params(
@@ -338,28 +323,11 @@ def _mutable_quant(kwargs: Mapping[str, Any]) -> bool:
     return QUANT_COLLECTION in mutable
 
 
-def _float_paths(qat: QATConfig, thunk: Callable[[], Any]) -> frozenset[str]:
-    """Paths of the layers that ``keep_first_float`` / ``keep_last_float`` leave in float."""
-    if not (qat.keep_first_float or qat.keep_last_float):
-        return frozenset()
-    layers = [(_path_name(path), issubclass(module_type, nn.Dense))
-              for path, module_type in call_order(thunk)]
-    return frozenset(edge_layers(layers, first=qat.keep_first_float,
-                                 last_dense=qat.keep_last_float))
-
-
-def _path_name(path: Sequence[str]) -> str:
-    return "/".join(path)
-
-
-def layer_order(thunk: Callable[[], Any]) -> list[str]:
-    """The layers ``thunk`` calls (``"stage1_block1/conv1"``), in first-call order.
-
-    Only shapes are traced (see :func:`call_order`); the names are those of
-    :func:`kure_jax.selection.layer_path`, the order a :class:`~kure_jax.selection.LayerRule`
-    needs for params whose dicts lost it (restored or ``jit``-initialised ones).
-    """
-    return list(dict.fromkeys(_path_name(path) for path, _ in call_order(thunk)))
+def _quantized_layers(
+    qat: QATConfig, variables: Mapping[str, Any], forward: Callable[[Any], Any]
+) -> frozenset[str]:
+    """The layer paths ``qat.layers`` selects, in the call order of ``forward(variables)``."""
+    return frozenset(qat.layers.layers(variables, forward=forward))
 
 
 def rule_predicate(
@@ -367,23 +335,26 @@ def rule_predicate(
 ) -> LeafPredicate:
     """``rule`` resolved for a Linen ``model`` taking images ``(N, *input_shape)``.
 
-    The layer order comes from an abstract ``model.init`` (no FLOPs), so the predicate is the
-    same for any params of the model, including key-sorted restored ones.
+    The layers come from an abstract ``model.init`` and their call order from
+    :func:`kure_jax.selection.layer_order` on ``model.apply`` (no FLOPs), so the predicate is
+    the same for any params of the model, including key-sorted restored ones.
 
     Raises:
       ValueError: as :meth:`kure_jax.selection.LayerRule.layers`.
     """
-    # Built inside the traced thunk, so the zeros are abstract: no memory, no FLOPs.
-    init = lambda: model.init(jax.random.key(0), jnp.zeros((1, *input_shape)), **init_kwargs)
-    params = jax.eval_shape(init)
-    return rule.where(params, order=layer_order(init))
+    images = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
+    variables = jax.eval_shape(
+        lambda x: model.init(jax.random.key(0), x, **init_kwargs), images)
+    # mutable=True: train-mode models update their statistics; nothing is computed anyway.
+    forward = lambda v: model.apply(v, jnp.zeros(images.shape), mutable=True, **init_kwargs)
+    return rule.where(variables, forward=forward)
 
 
-def _interceptor(qat: QATConfig, float_paths: frozenset[str]):
-    """Method interceptor that fake-quantises every quantisable layer not in ``float_paths``."""
+def _interceptor(qat: QATConfig, quantized: frozenset[str]):
+    """Method interceptor that fake-quantises the quantisable layers in ``quantized``."""
 
     def wrap(module, call, args, kwargs):
-        if _path_name(module.path) in float_paths:
+        if "/".join(module.path) not in quantized:
             return call(*args, **kwargs)
         return quantized_call(module, qat, lambda: call(*args, **kwargs))
 

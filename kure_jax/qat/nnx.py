@@ -1,7 +1,8 @@
 """QAT of a Flax NNX model without editing it: its conv/linear layers fake-quantise in place.
 
 :func:`quantize_model` gives every ``nnx.Conv``, ``nnx.Linear`` and ``nnx.ConvTranspose`` of a
-model (subclasses included; the first and last one kept float as ``QATConfig`` says) a
+model that ``QATConfig.layers`` selects (subclasses included; by default all but the first
+layer and the last linear one) a
 fake-quantised kernel and input, with the quantizers of :mod:`kure_jax.qat.layer`: the same math
 as the Linen path (:mod:`kure_jax.qat.linen`), so the same weights give the same logits and
 gradients. The layer's own ``__call__`` does the convolution / matmul: for the duration of a
@@ -16,18 +17,18 @@ read) does not include them.
 
 >>> from flax import nnx
 >>> import jax.numpy as jnp
+>>> from kure_jax import LayerRule
 >>> from kure_jax.qat import QATConfig, nnx as qat_nnx
 >>> model = nnx.Sequential(nnx.Linear(4, 4, rngs=nnx.Rngs(0)), nnx.Linear(4, 2, rngs=nnx.Rngs(1)))
 >>> qat_nnx.quantize_model(model, jnp.ones((1, 4)), qat=QATConfig(weight_bits=4, act_bits=8,
-...                        keep_first_float=False, keep_last_float=True))
+...                        layers=LayerRule(skip_last_dense=True)))
 ['layers/0']
 """
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -42,9 +43,8 @@ from kure_jax.qat.layer import (
     quantize_input,
     quantize_kernel,
 )
-from kure_jax.selection import edge_layers
 
-__all__ = ["QUANTIZABLE_LAYERS", "QuantParam", "is_quantized", "quantize_model"]
+__all__ = ["QuantParam", "is_quantized", "quantize_model"]
 
 QUANTIZABLE_LAYERS: tuple[type[nnx.Module], ...] = (nnx.Conv, nnx.Linear, nnx.ConvTranspose)
 
@@ -56,17 +56,12 @@ class QuantParam(nnx.Variable):
 # True while quantize_model's init pass runs: only then may missing QuantParams be created.
 _CREATING: contextvars.ContextVar[bool] = contextvars.ContextVar("kure_qat_creating",
                                                                  default=False)
-_CALLS: contextvars.ContextVar[list | None] = contextvars.ContextVar("kure_qat_calls",
-                                                                     default=None)
 
 
 def _quantized_call(float_call: Callable[..., Any]) -> Callable[..., Any]:
     """The ``__call__`` of a quantised layer class, around the float class's ``float_call``."""
 
     def __call__(self, inputs, *args, **kwargs):
-        calls = _CALLS.get()
-        if calls is not None:
-            calls.append(self)
         qat = self.kure_qat
         if qat is None or not qat.quantizes:
             return float_call(self, inputs, *args, **kwargs)
@@ -145,23 +140,14 @@ def is_quantized(layer: nnx.Module) -> bool:
     return getattr(layer, "_kure_quantized", False) and getattr(layer, "kure_qat", None) is not None
 
 
-@contextlib.contextmanager
-def _recording() -> Iterator[list]:
-    calls: list = []
-    token = _CALLS.set(calls)
-    try:
-        yield calls
-    finally:
-        _CALLS.reset(token)
-
-
 def quantize_model(model: nnx.Module, *args: Any, qat: QATConfig, **kwargs: Any) -> list[str]:
     """Makes ``model``'s conv/linear layers fake-quantise, in place, and creates their state.
 
-    Runs ``model(*args, **kwargs)`` eagerly twice: once in float to find the layers in call order
-    (``keep_first_float`` keeps the first one called, ``keep_last_float`` the last
-    ``nnx.Linear``), once quantised to initialise each learned quantizer from the kernel and the
-    activations that layer really receives, as :func:`kure_jax.qat.linen.quantized_init` does.
+    The layers that quantise are ``qat.layers`` resolved on the model's state, with the call
+    order of ``model(*args, **kwargs)`` read by :func:`kure_jax.selection.layer_order` (a
+    shape-only trace). Then the model runs once eagerly, quantised, to initialise each learned
+    quantizer from the kernel and the activations that layer really receives, as
+    :func:`kure_jax.qat.linen.quantized_init` does.
     Call it with a representative batch (it sets the input steps and their signedness) and
     outside ``jax.jit``. Any state the forward passes change (e.g. BatchNorm statistics in train
     mode) is put back as it was.
@@ -176,8 +162,9 @@ def quantize_model(model: nnx.Module, *args: Any, qat: QATConfig, **kwargs: Any)
       The paths (``"/"``-joined attribute names) of the layers that now fake-quantise.
 
     Raises:
-      ValueError: if ``qat`` is not a ``QATConfig``, the model has no quantisable layer, or a
-        learned input quantizer's activations are traced or all zero.
+      ValueError: if ``qat`` is not a ``QATConfig``, the model has no quantisable layer,
+        ``qat.layers`` selects none, or a learned input quantizer's activations are traced or
+        all zero.
     """
     check_qat(qat)
     layers = {id(m): (path, m) for path, m in nnx.iter_modules(model)
@@ -190,18 +177,14 @@ def quantize_model(model: nnx.Module, *args: Any, qat: QATConfig, **kwargs: Any)
         layer.kure_qat = None
         layer.kure_path = "/".join(map(str, path))
     saved = nnx.clone(nnx.state(model))
-    with _recording() as calls:
-        model(*args, **kwargs)
-    called = [(layer.kure_path, isinstance(layer, nnx.Linear))
-              for layer in dict.fromkeys(calls)]  # first-call order, each layer once
-    float_paths = edge_layers(called, first=qat.keep_first_float,
-                              last_dense=qat.keep_last_float)
+    graphdef, state = nnx.split(model)
+    chosen = set(qat.layers.layers(
+        state, forward=lambda s: nnx.merge(graphdef, s)(*args, **kwargs)))
     quantized = []
     for _, layer in layers.values():
-        if layer.kure_path not in float_paths:
+        if layer.kure_path in chosen:
             layer.kure_qat = qat
             quantized.append(layer.kure_path)
-    nnx.update(model, saved)
     token = _CREATING.set(True)
     try:
         model(*args, **kwargs)

@@ -6,8 +6,8 @@
    \\qquad \\tilde y = (1 - \\epsilon)\\, y + \\epsilon / C
 
 where :math:`L_{KURE}` is :func:`kure_jax.penalty` over the selected kernels, computed with its
-per-tensor kurtosis by :func:`kure_jax.penalty_and_kurtosis` (jnp or the fused Pallas kernel, see
-``StepConfig.penalty_impl``) and logged from the same vector. The same
+per-tensor kurtosis by :func:`kure_jax.kurtosis.penalty_and_kurtosis` (jnp or the fused Pallas
+kernel, see ``StepConfig.penalty_impl``) and logged from the same vector. The same
 functions run under ``jax.jit`` over a device mesh (``axis_name=None``: XLA reduces over
 the global, sharded batch) and under ``jax.pmap`` (``axis_name="batch"``: gradients,
 metrics and BatchNorm statistics are averaged across devices explicitly).
@@ -24,16 +24,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from kure_jax import (
-    REDUCTIONS,
-    UNIFORM_KURTOSIS,
-    QATConfig,
-    kernels,
-    kurtosis_many,
-    penalty_and_kurtosis,
-    quantized_apply,
-    select,
-)
+from kure_jax import QATConfig, kernels, quantized_apply, select
+from kure_jax.kurtosis import REDUCTIONS, UNIFORM_KURTOSIS, kurtosis_many, penalty_and_kurtosis
 from kure_jax.selection import LeafPredicate
 from kure_jax.training import multibit as _multibit
 from kure_jax.training.state import TrainState
@@ -61,8 +53,8 @@ class StepConfig:
         fused kernel of :func:`kure_jax.kernels.kurtosis_pallas`; interpreted, hence slow, on
         CPU) or ``"auto"`` (the
         kernel on the backends in ``kure_jax.kernels.AUTO_PALLAS_BACKENDS``, else jnp): the
-        ``impl`` of :func:`kure_jax.penalty_and_kurtosis`. Unlike ``impl=None`` it never reads
-        the ``KURE_JAX_KERNELS`` variable.
+        ``impl`` of :func:`kure_jax.kurtosis.penalty_and_kurtosis`. Unlike ``impl=None`` it never
+        reads the ``KURE_JAX_KERNELS`` variable.
       label_smoothing: ``epsilon`` in the formula above, in ``[0, 1)``.
       qat: a :class:`kure_jax.QATConfig` to train with fake-quantised weights and
         activations, or ``None``. With ``qat_bits``, the template of every width.
