@@ -4,11 +4,28 @@
     python train.py --config configs/mnist5k_baseline.py --workdir runs/baseline
     python train.py --config.num_epochs=2 --config.kure.lambda_=0.1
 
-Rerunning with the same ``--workdir`` resumes from its latest checkpoint. Ctrl-C first saves the
-last finished step as a checkpoint (single process; not a non-finite state). Exit codes: 0 done,
-2 a start-up error (unknown config field or bad flag value, invalid config, dataset not on disk,
-an ``init_from`` checkpoint that does not fit the model: one ``error:`` line on stderr, no
-traceback) or a non-finite loss, 130 interrupted.
+Rerunning with the same ``--workdir`` resumes from its latest checkpoint, exactly as if the run
+had not stopped. What each signal and fault does (docs/interruptions.md):
+
+* SIGTERM (scheduler preemption, ``scancel``, a time limit) or Ctrl-C: the current step ends, its
+  checkpoint is saved and waited for (on every process of a multi-process run, at a step they
+  agree on), one line says so, exit 143 (SIGTERM) or 130 (SIGINT). A second Ctrl-C stops at
+  once (after any save in flight), from the last finished step if it can be saved.
+* A damaged latest checkpoint: skipped, renamed ``<step>.damaged-<time>``, one warning line; the
+  run resumes from the newest step that restores.
+* A second job on a workdir in use (``WORKDIR/train.lock``): exit 2; ``--force_unlock`` takes
+  the lock of a job known to be gone (a dead holder on the same host is taken over by itself).
+* A config that changes the run being resumed (model, data, batch size, schedule, epochs,
+  optimizer, KURE/QAT, seed): exit 2 listing the fields; ``--allow_config_change`` resumes
+  anyway. Harmless changes (log/eval/checkpoint intervals, eval batch size) are noted.
+
+Exit codes, each fault with one ``error:`` line on stderr and no traceback:
+0 done (or stopped at ``--stop_at_step``); 2 a start-up error (unknown config field or bad flag
+value, invalid config, dataset not on disk, an ``init_from`` checkpoint that does not fit the
+model, workdir locked, config changed on resume, no checkpoint that restores) or a non-finite
+loss; 74 a checkpoint save failed (disk full, permission; the checkpoints before it are intact,
+unfinished ones are cleaned at the next start); 130 SIGINT; 143 SIGTERM; 1 anything unforeseen
+(with its traceback).
 """
 
 import difflib
@@ -23,7 +40,9 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 
 import kure_jax.training
-from kure_jax.training.loop import StartupError
+from kure_jax._interrupts import signal_name
+from kure_jax.training.checkpoint import CheckpointSaveError
+from kure_jax.training.loop import RunStopped, StartupError
 
 _DEFAULT_CONFIG = pathlib.Path(__file__).parent / "configs" / "mnist5k_kure.py"
 
@@ -67,11 +86,24 @@ _STOP_AT_STEP = flags.DEFINE_integer(
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Checkpoints and metrics directory (default: runs/<config file name>)."
 )
+_FORCE_UNLOCK = flags.DEFINE_bool(
+    "force_unlock", False,
+    "Take the workdir's lock (WORKDIR/train.lock) even though its holder seems alive or runs on "
+    "another host: only when that job is known to be gone.",
+)
+_ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
+    "allow_config_change", False,
+    "Resume even if the config changes the run (model, data, batch size, schedule, ...).",
+)
 
 
 def _not_orbax_info(record: logging.LogRecord) -> bool:
-    # Orbax logs several INFO lines per checkpoint; keep its warnings, drop the chatter.
-    return record.levelno >= logging.WARNING or "orbax" not in record.pathname
+    # Orbax logs several INFO lines per checkpoint; keep its warnings, drop the chatter. Its
+    # errors keep their line but not their traceback: a failed save is reported in one line.
+    if "orbax" not in record.pathname:
+        return True
+    record.exc_info, record.exc_text = None, None
+    return record.levelno >= logging.WARNING
 
 
 def _load_config(spec: str):
@@ -155,12 +187,21 @@ def main(argv: list[str]) -> int:
         config_path = config_flags.get_config_filename(flags.FLAGS["config"])
         workdir = str(pathlib.Path("runs") / pathlib.Path(config_path).stem)
     try:
-        result = kure_jax.training.train_and_evaluate(_CONFIG.value, workdir,
-                                                      stop_at_step=_STOP_AT_STEP.value)
+        result = kure_jax.training.train_and_evaluate(
+            _CONFIG.value, workdir, stop_at_step=_STOP_AT_STEP.value,
+            force_unlock=_FORCE_UNLOCK.value, allow_config_change=_ALLOW_CONFIG_CHANGE.value)
     except (StartupError, kure_jax.training.NonFiniteLossError) as err:
         # Start-up errors say what to fix (field, file, download); a traceback adds nothing.
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except CheckpointSaveError as err:
+        print(f"error: {err}; the run stopped (the checkpoints saved before it are intact).",
+              file=sys.stderr)
+        return 74
+    except RunStopped as stop:
+        print(f"stopped by {signal_name(stop.signum)} after step {stop.step} (checkpoint saved): "
+              f"rerun the same command to continue from {workdir}", file=sys.stderr)
+        return 128 + stop.signum
     except KeyboardInterrupt:
         print(f"interrupted: rerun the same command to continue from the checkpoints in "
               f"{workdir}", file=sys.stderr)

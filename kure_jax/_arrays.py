@@ -8,6 +8,7 @@ import numpy as np
 __all__ = [
     "check_broadcastable",
     "check_positive",
+    "first_non_finite",
     "leaf_shapes",
     "shape_mismatch",
     "sum_to_shape",
@@ -64,3 +65,28 @@ def shape_mismatch(
         return None
     diff = sorted(set(want) ^ set(have)) or sorted(k for k in want if want[k] != have[k])
     return diff[0], len(diff)
+
+
+def first_non_finite(tree: object) -> tuple[str, str] | None:
+    """The first leaf (in ``jax.tree`` order) holding a NaN or an infinity, or None.
+
+    Integer and boolean leaves are skipped (they cannot hold either). Reads every floating leaf
+    to the host, so call it on parameters, not inside ``jit``.
+
+    Args:
+      tree: a pytree of arrays (``jax.Array``, NumPy arrays or Python scalars).
+
+    Returns:
+      ``(path, what)``: the leaf's path with keys joined by ``/`` (as :func:`leaf_shapes`) and
+      e.g. ``"2 NaN, 1 inf of 288 values"``; ``None`` when every leaf is finite.
+    """
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+        host = np.asarray(leaf)
+        if not jax.numpy.issubdtype(host.dtype, jax.numpy.inexact):  # bfloat16 too
+            continue
+        nan, inf = int(np.isnan(host).sum()), int(np.isinf(host).sum())
+        if nan or inf:
+            what = ", ".join(f"{n} {name}" for n, name in ((nan, "NaN"), (inf, "inf")) if n)
+            return jax.tree_util.keystr(path, simple=True, separator="/"), (
+                f"{what} of {host.size} values")
+    return None

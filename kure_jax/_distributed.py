@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import jax
 
-__all__ = ["initialize"]
+__all__ = ["all_processes", "initialize"]
 
 
 def initialize(
@@ -20,3 +20,14 @@ def initialize(
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=coordinator_address,
                                num_processes=num_processes, process_id=process_id)
+
+
+def all_processes(ok: bool) -> bool:
+    """Whether ``ok`` holds on every process: a collective when there are several (every
+    process must call it), ``ok`` itself in a single-process run."""
+    if jax.process_count() == 1:
+        return ok
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    return bool(np.all(multihost_utils.process_allgather(np.asarray(ok, np.int32))))

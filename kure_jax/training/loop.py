@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import pathlib
+import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import jax
@@ -13,19 +15,23 @@ import numpy as np
 from absl import logging
 
 from kure_jax import kurtosis_report
-from kure_jax._interrupts import interrupts_deferred
+from kure_jax._distributed import all_processes
+from kure_jax._interrupts import StopSignals, interrupts_deferred, signal_name
 from kure_jax.data import Dataset, get_dataset
 from kure_jax.training.build import build_model, qat_config, step_config
-from kure_jax.training.checkpoint import Checkpoints, restore_for_eval
+from kure_jax.training.checkpoint import CheckpointError, Checkpoints, restore_for_eval
 from kure_jax.training.config import config_to_json, every_steps, total_steps, validate_config
+from kure_jax.training.lock import WorkdirLock, WorkdirLockedError
 from kure_jax.training.metrics import MetricsWriter, Progress, format_metrics, mean_metrics
 from kure_jax.training.multibit import per_width_batch_stats
 from kure_jax.training.optim import make_optimizer, make_schedule
 from kure_jax.training.parallel import Parallel, make_parallel
+from kure_jax.training.resume import ConfigChangedError, config_changes
 from kure_jax.training.state import TrainState, create_train_state, state_from_tree, state_to_tree
 from kure_jax.training.step import StepConfig, make_state_eval_step, make_train_step
 
-__all__ = ["NonFiniteLossError", "StartupError", "TrainResult", "train_and_evaluate"]
+__all__ = ["NonFiniteLossError", "RunStopped", "StartupError", "TrainResult",
+           "train_and_evaluate"]
 
 
 class StartupError(Exception):
@@ -46,9 +52,27 @@ class _StartupFileNotFoundError(StartupError, FileNotFoundError):
     """A :class:`StartupError` from a ``FileNotFoundError``."""
 
 
-def _startup_error(err: ValueError | FileNotFoundError, context: str = "") -> StartupError:
+def _startup_error(err: Exception, context: str = "") -> StartupError:
     kind = _StartupFileNotFoundError if isinstance(err, FileNotFoundError) else _StartupValueError
     return kind(f"{context}{err}")
+
+
+class RunStopped(KeyboardInterrupt):
+    """SIGTERM or SIGINT stopped the run after a step, whose checkpoint was saved and waited for.
+
+    A ``KeyboardInterrupt``, so code that stops on Ctrl-C stops on it; rerunning resumes from
+    :attr:`step` exactly as if uninterrupted.
+
+    Attributes:
+      signum: the signal (``signal.SIGTERM`` also on the processes of a multi-process run that
+        stopped because another one was signalled).
+      step: the last step trained, saved as a checkpoint.
+    """
+
+    def __init__(self, signum: int, step: int) -> None:
+        self.signum = signum
+        self.step = step
+        super().__init__(f"stopped by {signal_name(signum)} after step {step}")
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -173,11 +197,63 @@ def _save_on_interrupt(step, state, unchecked, parallel, save, is_chief) -> None
                         else "saved a checkpoint; rerun the same command to resume")
 
 
+def _stop_signals() -> StopSignals | None:
+    """How this process hears SIGTERM/SIGINT: ``None`` where it cannot stop in agreement.
+
+    One process: Python handlers. Several: JAX's preemption service (started by
+    ``jax.distributed.initialize``) owns SIGTERM and agrees on the stop step across processes;
+    SIGINT is forwarded to it. Without that service the signals keep their default effect.
+    """
+    if jax.process_count() == 1:
+        return StopSignals()
+    from jax.experimental import multihost_utils
+
+    try:
+        multihost_utils.reached_preemption_sync_point(0)
+    except RuntimeError:  # jax_enable_preemption_service is off
+        return None
+    return StopSignals(sigterm=False, forward_sigint_to_sigterm=True)
+
+
+def _stop_signal(signals: StopSignals | None, step: int) -> int | None:
+    """The signal to stop on after ``step`` (the same step on every process), or None."""
+    if signals is None:
+        return None
+    if jax.process_count() == 1:
+        return signals.signum
+    from jax.experimental import multihost_utils
+
+    if multihost_utils.reached_preemption_sync_point(step):
+        return signals.signum or signal.SIGTERM
+    return None
+
+
+def _config_check(config_json: dict[str, Any], allow: bool, is_chief: bool) -> Callable:
+    """``check_config`` for :meth:`Checkpoints.restore_latest`: stops a resume whose config
+    changes the run (unless ``allow``), notes the harmless differences."""
+
+    def check(stored: dict[str, Any], step: int) -> None:
+        changes, notes = config_changes(stored, config_json)
+        if changes and not allow:
+            raise ConfigChangedError(
+                f"the config changes the run being resumed (checkpoint step {step}): "
+                f"{'; '.join(changes)}. Resume with the original values, use another --workdir, "
+                "or pass --allow_config_change (allow_config_change=True) to resume anyway."
+            )
+        if (changes or notes) and is_chief:
+            logging.warning("Resuming from step %d with a changed config: %s.", step,
+                            "; ".join(changes + notes))
+
+    return check
+
+
 def train_and_evaluate(
     config: ml_collections.ConfigDict,
     workdir: str | pathlib.Path,
     *,
     stop_at_step: int | None = None,
+    force_unlock: bool = False,
+    allow_config_change: bool = False,
 ) -> TrainResult:
     """Trains ``config.model`` on ``config.dataset`` with KURE (and QAT), evaluating and
     checkpointing into ``workdir``; resumes from the latest checkpoint there.
@@ -191,6 +267,10 @@ def train_and_evaluate(
       workdir: directory for checkpoints, ``metrics.jsonl`` and TensorBoard files.
       stop_at_step: end this call at that step (after a checkpoint) instead of at the end
         of training, e.g. to fit a job time limit; calling again resumes.
+      force_unlock: take ``workdir``'s lock (:mod:`kure_jax.training.lock`) even from a job
+        that seems alive or runs on another host.
+      allow_config_change: resume even if ``config`` changes the run's meaning compared with
+        the checkpoint's config (:mod:`kure_jax.training.resume`).
 
     Returns:
       A :class:`TrainResult` with the final state and the last evaluation.
@@ -201,11 +281,19 @@ def train_and_evaluate(
         over the devices, or an ``init_from`` checkpoint whose params/batch_stats do not fit
         the model (naming the first differing leaf and both shapes); as a
         ``FileNotFoundError`` for a dataset that is not on disk (saying what to download and
-        where) or an ``init_from`` path without a checkpoint.
+        where) or an ``init_from`` path without a checkpoint; also (as ``ValueError``) when
+        another job holds ``workdir`` (naming it), when resuming under a config that changes the
+        run (listing the fields), when no checkpoint of ``workdir`` restores (each step's
+        reason; a damaged newer step is otherwise skipped and renamed ``<step>.damaged-<time>``)
+        or a checkpoint does not fit the model.
       NonFiniteLossError: if a step's loss, gradients or new state are not finite;
         checkpoints written before it remain, none of the bad state is written.
-      KeyboardInterrupt: re-raised after saving the last finished step as a checkpoint
-        (single process, finite state; see ``_save_on_interrupt``).
+      CheckpointSaveError: when a checkpoint save fails (disk full, permission), at the next
+        step boundary; the checkpoints saved before it are untouched.
+      RunStopped: on SIGTERM or SIGINT (every process, in agreement on several): after the
+        current step, once its checkpoint is saved and written.
+      KeyboardInterrupt: on a second Ctrl-C (or one where the handlers are not ours),
+        re-raised after saving the last finished step (single process, finite state).
     """
     try:
         validate_config(config)
@@ -215,7 +303,40 @@ def train_and_evaluate(
     except (ValueError, FileNotFoundError) as err:
         raise _startup_error(err) from err
     workdir = pathlib.Path(workdir)
+    with _workdir_lock(workdir, force=force_unlock):
+        return _run(config, workdir, dataset, parallel, stop_at_step=stop_at_step,
+                    allow_config_change=allow_config_change)
 
+
+@contextlib.contextmanager
+def _workdir_lock(workdir: pathlib.Path, *, force: bool) -> Iterator[None]:
+    """Process 0 holds ``workdir``'s lock for the run; every process stops if it cannot."""
+    lock = WorkdirLock(workdir, force=force)
+    error = None
+    if jax.process_index() == 0:
+        try:
+            lock.__enter__()
+        except WorkdirLockedError as err:
+            error = err
+    if not all_processes(error is None):
+        error = error or WorkdirLockedError(f"workdir {workdir} is in use (see process 0).")
+        raise _startup_error(error) from error
+    try:
+        yield
+    finally:
+        lock.__exit__()
+
+
+def _run(
+    config: ml_collections.ConfigDict,
+    workdir: pathlib.Path,
+    dataset: Dataset,
+    parallel: Parallel,
+    *,
+    stop_at_step: int | None,
+    allow_config_change: bool,
+) -> TrainResult:
+    """:func:`train_and_evaluate` once the config is checked and the workdir locked."""
     steps_per_epoch = dataset.num_train_examples // config.batch_size
     num_steps = total_steps(config, steps_per_epoch)
     end_step = num_steps if stop_at_step is None else min(num_steps, stop_at_step)
@@ -237,9 +358,9 @@ def train_and_evaluate(
         sample_images = next(first)["image"]
     is_chief = jax.process_index() == 0
     checkpoints = Checkpoints(workdir, keep=config.keep_checkpoints, keep_best=config.keep_best)
-    start_step = checkpoints.latest_step() or 0
+    resuming = checkpoints.latest_step() is not None
     pretrained = None
-    init_from = config.init_from if not start_step else None  # a resumed run has its own weights
+    init_from = config.init_from if not resuming else None  # a resumed run has its own weights
     context = f"config.init_from={init_from}: " if init_from else ""
     try:
         if init_from and not pathlib.Path(init_from).exists():
@@ -264,7 +385,7 @@ def train_and_evaluate(
             pretrained=pretrained,
         )
     except (ValueError, FileNotFoundError) as err:
-        checkpoints.close()
+        checkpoints.close(check=False)
         raise _startup_error(err, context) from err
     spec = step_config(config, model, dataset.image_shape, axis_name=parallel.axis_name)
     if spec.bn_per_bits:  # switchable BatchNorm: every width starts from the same statistics
@@ -273,19 +394,26 @@ def train_and_evaluate(
     config_json = config_to_json(config)
     meta = {"image_shape": list(dataset.image_shape), "steps_per_epoch": steps_per_epoch,
             "num_steps": num_steps}
-    if start_step:
+    start_step = 0
+    if resuming:
         abstract = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=parallel.canonical_sharding),
             jax.eval_shape(state_to_tree, state),
         )
-        state = state_from_tree(state, checkpoints.restore(start_step, abstract))
+        check = _config_check(config_json, allow_config_change, is_chief)
+        try:
+            start_step, tree = checkpoints.restore_latest(abstract, check_config=check)
+        except (CheckpointError, ConfigChangedError) as err:
+            checkpoints.close(check=False)
+            raise _startup_error(err) from err
+        state = state_from_tree(state, tree)
         if is_chief:
             logging.info("Resuming from step %d in %s.", start_step, workdir)
     state = parallel.place_state(state)
 
     train_step = parallel.compile_train_step(make_train_step(model, spec))
     eval_step = parallel.compile_eval_step(make_state_eval_step(model, spec))
-    writer = MetricsWriter(workdir, enabled=is_chief)
+    writer = MetricsWriter(workdir, enabled=is_chief, resume_step=start_step)
     progress = Progress(start_step, num_steps, enabled=is_chief)
     batches = dataset.train_batches(
         seed=config.seed,
@@ -311,6 +439,11 @@ def train_and_evaluate(
     window_start, paused = time.perf_counter(), 0.0  # paused: eval/checkpoint time in window
     eval_metrics: dict[str, Any] = {}
     done_step = start_step  # the step that `state` holds
+    signals = _stop_signals()
+    handlers = contextlib.ExitStack()  # SIGTERM/SIGINT handlers, for the loop only
+    if signals is not None:
+        handlers.enter_context(signals)
+    finished = False
     try:
         for step in range(start_step + 1, end_step + 1):
             with interrupts_deferred():  # Ctrl-C lands between steps, never mid-donation
@@ -318,8 +451,10 @@ def train_and_evaluate(
                 done_step = step
                 unchecked.append((step, metrics))  # checked before any save, also on Ctrl-C
             progress.update()
+            checkpoints.check()  # a background save that failed stops the run here
+            stop = _stop_signal(signals, step)
             is_eval = step % eval_every == 0 or step == num_steps
-            is_ckpt = step % ckpt_every == 0 or step == end_step
+            is_ckpt = step % ckpt_every == 0 or step == end_step or stop is not None
             if not (step % log_every == 0 or is_eval or is_ckpt):
                 continue
             # Syncing only here keeps the device busy; every step is checked before any save.
@@ -353,14 +488,25 @@ def train_and_evaluate(
                 best = {"accuracy": eval_metrics["accuracy"]} if is_eval else None
                 save(step, latest=is_ckpt, eval_metrics=best)
             paused += time.perf_counter() - pause_start
+            if stop is not None:
+                checkpoints.check(wait=True)  # saved and written before the process goes
+                if is_chief:
+                    logging.warning("Stopped by %s after step %d: its checkpoint is saved; rerun "
+                                    "the same command to resume.", signal_name(stop), step)
+                raise RunStopped(stop, step)
         if not eval_metrics:  # nothing evaluated in this call (stopped early, or already done)
             eval_metrics = run_eval()
-    except KeyboardInterrupt:
+        finished = True
+    except RunStopped:
+        raise
+    except KeyboardInterrupt:  # a second Ctrl-C, or one whose handler is not ours
+        handlers.close()
         if done_step > start_step:  # else nothing new to save
             _save_on_interrupt(done_step, state, unchecked, parallel, save, is_chief)
         raise
     finally:
+        handlers.close()
         progress.close()
         writer.close()
-        checkpoints.close()
+        checkpoints.close(check=finished)
     return TrainResult(parallel.canonical_state(state), eval_metrics)

@@ -1,7 +1,9 @@
 """Where training metrics go: ``metrics.jsonl``, optional TensorBoard, log lines, a tqdm bar.
 
 ``WORKDIR/metrics.jsonl`` holds one JSON object per line, appended across resumed
-runs: ``{"kind": "train", "step": ..., "loss": ..., "images_per_sec": ...}`` every
+runs (a run resumed from step ``s`` first drops the records after ``s``, which it writes again,
+so each ``(kind, step)`` appears once; TensorBoard purges those events likewise):
+``{"kind": "train", "step": ..., "loss": ..., "images_per_sec": ...}`` every
 ``log_every_steps`` and ``{"kind": "eval", "step": ..., "accuracy": ..., "kurtosis":
 {layer: value}}`` at each evaluation. TensorBoard event files are written only if
 ``tensorboardX`` is importable.
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import pathlib
 import sys
 from collections.abc import Mapping
@@ -61,6 +64,28 @@ def format_metrics(step: int, total: int, metrics: Mapping[str, float]) -> str:
     return " | ".join(parts)
 
 
+def _drop_records_after(path: pathlib.Path, step: int) -> int:
+    """Rewrites ``path`` without the records after ``step`` (and a line cut short by a crash);
+    returns how many lines were dropped."""
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            keep = int(json.loads(line)["step"]) <= step
+        except (ValueError, KeyError, TypeError):
+            keep = False
+        if keep:
+            kept.append(line + "\n")
+        else:
+            dropped += 1
+    if dropped:
+        partial = path.with_name(path.name + ".partial")
+        partial.write_text("".join(kept), encoding="utf-8")
+        os.replace(partial, path)  # a crash here leaves the old file whole
+    return dropped
+
+
 class MetricsWriter:
     """Appends records to ``WORKDIR/metrics.jsonl`` (and TensorBoard if available).
 
@@ -69,21 +94,32 @@ class MetricsWriter:
     Args:
       workdir: the run's directory (created if missing).
       enabled: whether this process writes (``jax.process_index() == 0``).
+      resume_step: the step a run starts from: records (and TensorBoard events) after it, left
+        by the run that wrote the checkpoint and went on, are dropped, as this run writes them
+        again. ``None`` keeps everything.
     """
 
-    def __init__(self, workdir: str | pathlib.Path, *, enabled: bool = True) -> None:
+    def __init__(
+        self, workdir: str | pathlib.Path, *, enabled: bool = True, resume_step: int | None = None
+    ) -> None:
         self._file = None
         self._tensorboard = None
         if not enabled:
             return
         path = pathlib.Path(workdir)
         path.mkdir(parents=True, exist_ok=True)
+        if resume_step is not None:
+            dropped = _drop_records_after(path / "metrics.jsonl", resume_step)
+            if dropped:
+                logging.info("Dropped %d metrics.jsonl records after step %d (written again).",
+                             dropped, resume_step)
         self._file = open(path / "metrics.jsonl", "a", encoding="utf-8")
         try:
             from tensorboardX import SummaryWriter
         except ImportError:
             return
-        self._tensorboard = SummaryWriter(str(path / "tensorboard"))
+        purge = None if resume_step is None else resume_step + 1  # events at steps >= purge
+        self._tensorboard = SummaryWriter(str(path / "tensorboard"), purge_step=purge)
 
     def write(self, kind: str, step: int, metrics: Mapping[str, Any]) -> None:
         """Writes one record; nested mappings (e.g. per-layer kurtosis) stay nested in JSON."""
