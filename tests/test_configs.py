@@ -41,7 +41,26 @@ _DOREFA = {**_IMAGENET, "model": "resnet18", "num_epochs": 80.0, "learning_rate"
 _MATRYOSHKA = {**_MNIST, "kure.lambda_": 0.0, "num_epochs": 5.0, "qat.enabled": True,
                "qat.weight_quantizer": "matryoshka", "qat.weight_bits": 4, "qat.act_bits": None,
                "qat.bits": (8, 4, 2), "qat.multibit": "sum", "qat.bn_per_bits": False}
+_FASHION = {"model": "resnet20", "model_options.stage_sizes": (1, 1, 1),
+            "dataset": "fashion_mnist", "dataset_options.data_dir": None,
+            "dataset_options.max_shift": 2, "dataset_options.flip": True,
+            "dataset_options.num_train": None, "num_classes": 10, "batch_size": 128,
+            "eval_batch_size": 1000, "num_epochs": 1.5, "optimizer.nesterov": True,
+            "learning_rate": 0.1, "weight_decay": 5e-4, "schedule.name": "cosine",
+            "kure.lambda_": 1.0, "kure.target": 1.8, "kure.selection": "paper",
+            "qat.enabled": False}
+_FASHION_QAT = {**_FASHION, "qat.enabled": True, "qat.weight_bits": 4, "qat.act_bits": 4,
+                "qat.weight_quantizer": "lsq", "qat.act_quantizer": "lsq"}
+_FASHION_DOREFA = {**_FASHION_QAT, "qat.weight_quantizer": "dorefa",
+                   "qat.act_quantizer": "dorefa"}
 EXPECTED = {
+    # Fashion-MNIST, ResNet-8 (docs/datasets.md): float with/without KURE, W4A4 QAT x 2 x 2.
+    "fashion_mnist_kure": _FASHION,
+    "fashion_mnist_baseline": {**_FASHION, "kure.lambda_": 0.0},
+    "fashion_mnist_lsq_w4a4": {**_FASHION_QAT, "kure.lambda_": 0.0},
+    "fashion_mnist_lsq_w4a4_kure": _FASHION_QAT,
+    "fashion_mnist_dorefa_w4a4": {**_FASHION_DOREFA, "kure.lambda_": 0.0},
+    "fashion_mnist_dorefa_w4a4_kure": _FASHION_DOREFA,
     "mnist5k_kure": _MNIST,
     "mnist5k_baseline": {**_MNIST, "kure.lambda_": 0.0},
     "mnist5k_qat_w4a4": {**_MNIST, "qat.enabled": True, "qat.weight_quantizer": "lsq",

@@ -23,19 +23,23 @@ class InMemoryDataset:
     ``max_shift > 0`` every training image is translated by a random integer offset in
     ``[-max_shift, max_shift]`` per axis (zero fill), drawn for the whole global batch
     from ``np.random.default_rng([seed, 1, s])``, so it too depends only on
-    ``(seed, s)`` and not on the number of processes.
+    ``(seed, s)`` and not on the number of processes. With ``flip`` every training image
+    is mirrored left-right with probability 1/2, drawn likewise from
+    ``np.random.default_rng([seed, 2, s])`` (after the translation).
 
     Attributes:
       name: registry name.
       train_images, train_labels: float32 ``(N, H, W, C)`` and int32 ``(N,)``.
       eval_images, eval_labels: the evaluation split, same layout.
       num_classes: number of classes.
-      max_shift: largest random translation of training images, in pixels (0: none).
+      max_shift: largest random translation of training images, in pixels (0: none);
+        the same as padding ``max_shift`` zero pixels and taking a random ``H x W`` crop.
+      flip: mirror training images left-right at random (not for digits).
 
     Raises:
       ValueError: if a split is empty or not ``(N, H, W, C)`` images with ``(N,)`` labels,
-        the two splits' image shapes differ, or ``max_shift`` is not an integer in
-        ``[0, min(H, W))``.
+        the two splits' image shapes differ, ``max_shift`` is not an integer in
+        ``[0, min(H, W))`` or ``flip`` is not a bool.
     """
 
     name: str
@@ -45,6 +49,7 @@ class InMemoryDataset:
     eval_labels: np.ndarray
     num_classes: int
     max_shift: int = 0
+    flip: bool = False
 
     def __post_init__(self) -> None:
         for split, images, labels in (
@@ -69,6 +74,8 @@ class InMemoryDataset:
             raise ValueError(
                 f"max_shift must be an int in [0, {min(height, width)}); got {self.max_shift!r}."
             )
+        if not isinstance(self.flip, bool | np.bool_):
+            raise ValueError(f"flip must be a bool; got {self.flip!r}.")
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -125,6 +132,9 @@ class InMemoryDataset:
                     -self.max_shift, self.max_shift + 1, size=(batch_size, 2)
                 )
                 images = _translate(images, shifts[rows], self.max_shift)
+            if self.flip:
+                mirror = np.random.default_rng([seed, 2, step]).random(batch_size) < 0.5
+                images = np.where(mirror[rows, None, None, None], images[:, :, ::-1], images)
             yield {"image": images, "label": self.train_labels[index]}
             step += 1
 

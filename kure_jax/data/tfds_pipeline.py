@@ -1,4 +1,4 @@
-"""TensorFlow Datasets input pipelines: ``mnist``, ``cifar10``, ``imagenet2012``, ``tfds:<name>``.
+"""TensorFlow Datasets input pipelines: ``cifar10``, ``imagenet2012``, ``tfds:<name>``.
 
 Importing this module does not import TensorFlow; building a dataset does (and hides
 the GPUs from it: JAX owns them). Each process reads its ``tfds.even_splits`` share of
@@ -11,6 +11,9 @@ Preparation. A dataset missing from ``data_dir`` is downloaded and prepared with
 ``ILSVRC2012_img_train.tar`` and ``ILSVRC2012_img_val.tar`` in ``manual_dir``
 (default ``<data_dir>/downloads/manual``). A missing dataset raises one
 ``FileNotFoundError`` saying what to download and where.
+
+The registry's ``mnist`` reads IDX files (:mod:`kure_jax.data.idx_datasets`); TFDS's MNIST
+is ``tfds:mnist`` (with the ``"plain"`` preprocessing of ``TFDS_DATASETS``' defaults).
 """
 
 from __future__ import annotations

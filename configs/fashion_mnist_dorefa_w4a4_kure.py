@@ -1,0 +1,18 @@
+"""DoReFa W4A4 QAT of the Fashion-MNIST ResNet-8 with KURE (lambda 1, K_T 1.8).
+
+    python train.py --config configs/fashion_mnist_dorefa_w4a4_kure.py \
+        --workdir runs/fashion_mnist_dorefa_w4a4_kure
+
+``fashion_mnist_dorefa_w4a4.py`` with the penalty on the float shadow weights. Cost:
+``docs/datasets.md``.
+"""
+
+import ml_collections
+
+from configs import fashion_mnist_dorefa_w4a4
+
+
+def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
+    config = fashion_mnist_dorefa_w4a4.get_config(variant)
+    config.kure.lambda_ = 1.0
+    return config
