@@ -206,11 +206,8 @@ def _stop_signals() -> StopSignals | None:
     """
     if jax.process_count() == 1:
         return StopSignals()
-    from jax.experimental import multihost_utils
-
-    try:
-        multihost_utils.reached_preemption_sync_point(0)
-    except RuntimeError:  # jax_enable_preemption_service is off
+    # Not probed with a call: the sync point must be asked with the loop's steps only.
+    if not jax.config.jax_enable_preemption_service:
         return None
     return StopSignals(sigterm=False, forward_sigint_to_sigterm=True)
 
