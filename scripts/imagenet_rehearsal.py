@@ -1,6 +1,6 @@
 """CPU dry run of the whole ImageNet path: convert -> train.py -> eval.py -> report.
 
-    python scripts/imagenet_rehearsal.py --out runs/imagenet_rehearsal   # 1-3 min on 2 CPU cores
+    python scripts/imagenet_rehearsal.py --out=runs/imagenet_rehearsal   # 1-3 min on 2 CPU cores
 
 The three stages are the real programs, each in its own process, as on a pod:
 
@@ -8,11 +8,11 @@ The three stages are the real programs, each in its own process, as on a pod:
    layouts and init, built with NumPy: no torch needed) is written as ``.safetensors`` and
    converted with ``python -m kure_jax.models.convert --arch resnet18``.
 2. ``train``: ``train.py --config configs/imagenet_resnet18_kure.py
-   --config.init_from=<converted>`` for a few steps (``--steps``, global batch ``--batch-size``)
+   --config.init_from=<converted>`` for a few steps (``--steps``, global batch ``--batch_size``)
    on TFDS's mock ``imagenet2012`` at 224x224, on ``--devices`` simulated CPU devices.
 3. ``eval``: ``eval.py --checkpoint <train workdir> --sweep configs/sweeps/tiny.py`` with
    ``--set`` overrides (``EVAL_SETS``: 7 points; eval batch and calibration images
-   ``--batch-size``) on the same mock data and devices.
+   ``--batch_size``) on the same mock data and devices.
 
 Mock data: ``tensorflow_datasets.testing.mock_data(num_examples=N)`` replaces the dataset
 reader in-process, so train.py and eval.py are started through this script (``_mock``
@@ -47,6 +47,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from absl import flags
+
+from kure_jax._cli import parse_flags
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 IMAGENET_TARS = ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar")
@@ -128,16 +131,16 @@ def device_env(devices: int, base: dict[str, str] | None = None) -> dict[str, st
 def _run_under_mock(argv: Sequence[str]) -> int:
     """``_mock`` mode: run ``PROGRAM ARGS...`` as ``__main__`` inside TFDS's ``mock_data``.
 
-    ``argv`` is ``--num-examples N --data-dir DIR --record FILE PROGRAM ARGS...``; ``DIR``
+    ``argv`` is ``--num_examples N --data_dir DIR --record FILE PROGRAM ARGS...``; ``DIR``
     replaces the TFDS ``data_dir`` of every builder (TFDS's mock does that with any directory),
     so ``DIR/downloads/manual`` is the default ``manual_dir``. Writes ``{"exit_code",
     "device_count", "platform"}`` (what JAX ran the program on) to ``FILE`` and returns the
     program's exit code.
     """
     parser = argparse.ArgumentParser(prog="imagenet_rehearsal.py _mock")
-    parser.add_argument("--num-examples", type=int, required=True)
+    parser.add_argument("--num_examples", type=int, required=True)
     parser.add_argument("--record", required=True)
-    parser.add_argument("--data-dir", required=True)
+    parser.add_argument("--data_dir", required=True)
     parser.add_argument("program")
     parser.add_argument("args", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
@@ -233,13 +236,13 @@ def rehearse(out: pathlib.Path, *, steps: int = 2, batch_size: int = 8, num_exam
     env = device_env(devices)
     python = sys.executable
     mock = [python, str(pathlib.Path(__file__).resolve()), "_mock",
-            "--num-examples", str(num_examples), "--data-dir", str(data_dir)]
+            "--num_examples", str(num_examples), "--data_dir", str(data_dir)]
     eval_sets = (f"eval_batch_size={batch_size}",
                  f"weight_act.calibration_images={batch_size}", *eval_sets)
     converted, workdir, eval_out = out / "tv_resnet18", out / "train", out / "eval"
     commands = {
-        "convert": [python, "-m", "kure_jax.models.convert", "--arch", "resnet18",
-                    "--weights", str(weights), "--out", str(converted)],
+        "convert": [python, "-m", "kure_jax.models.convert", "--arch=resnet18",
+                    f"--weights={weights}", f"--out={converted}"],
         "train": [*mock, "--record", str(out / "train.device.json"), "train.py",
                   "--config", "configs/imagenet_resnet18_kure.py",
                   f"--config.init_from={converted}",
@@ -280,19 +283,14 @@ def rehearse(out: pathlib.Path, *, steps: int = 2, batch_size: int = 8, num_exam
     return summary
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description="CPU dry run of convert -> train.py -> eval.py on mock ImageNet.")
-    parser.add_argument("--out", default="runs/imagenet_rehearsal",
-                        help="new or empty output directory (default runs/imagenet_rehearsal)")
-    parser.add_argument("--steps", type=int, default=2, help="train steps (default 2)")
-    parser.add_argument("--batch-size", type=int, default=8,
-                        help="global train/eval batch, a multiple of --devices (default 8)")
-    parser.add_argument("--examples", type=int, default=8,
-                        help="examples per mock split (default 8)")
-    parser.add_argument("--devices", type=int, default=8,
-                        help="simulated CPU devices (default 8)")
-    return parser
+def _define_flags(fv: flags.FlagValues) -> None:
+    flags.DEFINE_string("out", "runs/imagenet_rehearsal", "new or empty output directory",
+                        flag_values=fv)
+    flags.DEFINE_integer("steps", 2, "train steps", flag_values=fv)
+    flags.DEFINE_integer("batch_size", 8, "global train/eval batch, a multiple of --devices",
+                         flag_values=fv)
+    flags.DEFINE_integer("examples", 8, "examples per mock split", flag_values=fv)
+    flags.DEFINE_integer("devices", 8, "simulated CPU devices", flag_values=fv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -300,7 +298,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["_mock"]:
         return _run_under_mock(argv[1:])
-    args = _parser().parse_args(argv)
+    args = parse_flags(argv, _define_flags, prog="scripts/imagenet_rehearsal.py",
+                       description="CPU dry run of convert -> train.py -> eval.py on mock "
+                                   "ImageNet.")
     try:
         summary = rehearse(pathlib.Path(args.out), steps=args.steps, batch_size=args.batch_size,
                            num_examples=args.examples, devices=args.devices)

@@ -1,13 +1,13 @@
 """One model for every bit width, three ways: KURE vs Matryoshka vs Any-Precision (issue #12).
 
     python scripts/multibit_compare.py                     # seed 0 of the five recipes
-    python scripts/multibit_compare.py --seeds 3           # docs/results.md, if time allows
+    python scripts/multibit_compare.py --seeds=3           # docs/results.md, if time allows
 
 Trains each recipe with ``kure_jax.training.train_and_evaluate`` into
 ``WORKDIR/<recipe>_s<seed>`` (a finished run is reused, an interrupted one resumes), times the
-training step of every recipe back to back in this process (``--timing-steps`` steps after two
-warm-up steps, ``--timing-rounds`` interleaved rounds, the fastest round's step time; kept in
-``WORKDIR/eval/timing.json``, which ``--no-timing`` reuses), runs the multi-bit sweep
+training step of every recipe back to back in this process (``--timing_steps`` steps after two
+warm-up steps, ``--timing_rounds`` interleaved rounds, the fastest round's step time; kept in
+``WORKDIR/eval/timing.json``, which ``--notiming`` reuses), runs the multi-bit sweep
 (``configs/sweeps/multibit.py``) over all checkpoints with ``run_sweep`` into ``WORKDIR/eval``
 and prints the accuracy-at-every-width table and the training cost.
 
@@ -26,7 +26,6 @@ A program, not part of the library: it uses only public ``kure_jax.training``,
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import logging
@@ -39,6 +38,9 @@ from typing import Any
 
 import jax
 import numpy as np
+from absl import flags
+
+from kure_jax._cli import parse_flags
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # the config files import their shared base (`configs.base`)
@@ -141,20 +143,25 @@ def cost_markdown(timing: Mapping[str, Any], steps: Mapping[str, int]) -> str:
     return "\n".join(lines)
 
 
+def _define_flags(fv: flags.FlagValues) -> None:
+    flags.DEFINE_string("workdir", "runs/multibit", "root of the runs", flag_values=fv)
+    flags.DEFINE_integer("seeds", 1, "seeds per recipe (0, 1, ...)", flag_values=fv)
+    flags.DEFINE_string("recipes", ",".join(RECIPES),
+                        "comma-separated subset of " + ", ".join(RECIPES), flag_values=fv)
+    flags.DEFINE_string("configs", str(ROOT / "configs"), "configs directory", flag_values=fv)
+    flags.DEFINE_string("sweep", None, "sweep file (default: sweeps/multibit.py)",
+                        flag_values=fv)
+    flags.DEFINE_integer("timing_steps", 20, "timed steps per round", flag_values=fv)
+    flags.DEFINE_integer("timing_rounds", 5, "interleaved timing rounds", flag_values=fv)
+    flags.DEFINE_boolean("train_only", False, "train, do not time or sweep", flag_values=fv)
+    flags.DEFINE_boolean("timing", True, "time the training steps (--notiming reuses "
+                         "WORKDIR/eval/timing.json)", flag_values=fv)
+    flags.DEFINE_boolean("progress", True, "progress bars", flag_values=fv)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", default="runs/multibit")
-    parser.add_argument("--seeds", type=int, default=1, help="seeds per recipe (0, 1, ...)")
-    parser.add_argument("--recipes", default=",".join(RECIPES),
-                        help="comma-separated subset of " + ", ".join(RECIPES))
-    parser.add_argument("--configs", default=str(ROOT / "configs"))
-    parser.add_argument("--sweep", default=None, help="sweep file (default: sweeps/multibit.py)")
-    parser.add_argument("--timing-steps", type=int, default=20)
-    parser.add_argument("--timing-rounds", type=int, default=5)
-    parser.add_argument("--train-only", action="store_true")
-    parser.add_argument("--no-timing", action="store_true")
-    parser.add_argument("--no-progress", action="store_true")
-    args = parser.parse_args(argv)
+    args = parse_flags(argv, _define_flags, prog="scripts/multibit_compare.py",
+                       description=__doc__.splitlines()[0])
     logging.getLogger("absl").setLevel(logging.ERROR)
     from kure_jax.evaluation import load_sweep, markdown_report, run_sweep
     from kure_jax.training import train_and_evaluate
@@ -163,7 +170,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     recipes = [r for r in args.recipes.split(",") if r]
     unknown = sorted(set(recipes) - set(RECIPES))
     if unknown:
-        parser.error(f"unknown recipe(s) {unknown}; known: {', '.join(RECIPES)}")
+        print(f"error: unknown recipe(s) {unknown}; known: {', '.join(RECIPES)}",
+              file=sys.stderr)
+        return 2
     root = pathlib.Path(args.workdir)
     out = root / "eval"
     checkpoints, wall, steps = [], {}, {}
@@ -186,9 +195,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     out.mkdir(parents=True, exist_ok=True)
     timing = None
-    if args.no_timing and (out / "timing.json").exists():  # an earlier run's measurement
+    if not args.timing and (out / "timing.json").exists():  # an earlier run's measurement
         timing = json.loads((out / "timing.json").read_text())["timing"]
-    elif not args.no_timing:
+    elif args.timing:
         t0 = time.perf_counter()
         timing = time_train_steps([(r, recipe_config(configs, r, 0)) for r in recipes],
                                   steps=args.timing_steps, rounds=args.timing_rounds)
@@ -199,7 +208,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"timed the training steps ({time.perf_counter() - t0:.0f} s)", flush=True)
     spec = load_sweep(args.sweep or configs / "sweeps" / "multibit.py")
     t0 = time.perf_counter()
-    data = run_sweep(checkpoints, spec, out, progress=False if args.no_progress else None)
+    data = run_sweep(checkpoints, spec, out, progress=False if not args.progress else None)
     print(f"swept {len(checkpoints)} checkpoints, {len(data['points'])} points "
           f"({time.perf_counter() - t0:.0f} s); report: {out / 'report.md'}\n")
     report = markdown_report(data)

@@ -18,7 +18,7 @@ ROOT = pathlib.Path(kure_jax.__file__).resolve().parent
 
 # Bottom to top. A module may import its own layer (acyclically) and the layers below it.
 LAYERS: list[tuple[str, ...]] = [
-    ("kure_jax._axes", "kure_jax._arrays", "kure_jax._distributed",
+    ("kure_jax._axes", "kure_jax._arrays", "kure_jax._cli", "kure_jax._distributed",
      "kure_jax._interrupts", "kure_jax.theory"),
     # Backends only: the Pallas kernels and their dispatch settings, below the core that calls them.
     ("kure_jax.kernels",),

@@ -32,12 +32,11 @@ to ``{"layout", "bits", "signed", "symmetric", "narrow_range", "axis" (list or n
 
 Command line (prints what it wrote: tensors, bytes, compression vs float32)::
 
-    python -m kure_jax.deploy.export --checkpoint WORKDIR --bits 4 --axis -1 --out w4.safetensors
+    python -m kure_jax.deploy.export --checkpoint=WORKDIR --bits=4 --axis=-1 --out=w4.safetensors
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -49,8 +48,10 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import flags
 
 from kure_jax import selection
+from kure_jax._cli import parse_flags
 from kure_jax.quant.ops import integer_range, round_values
 from kure_jax.quant.policy import QuantPolicy, compute_step, kept_axes
 
@@ -427,34 +428,34 @@ def _parse_axis(text: str) -> int | tuple[int, ...] | None:
     return parts[0] if len(parts) == 1 else tuple(parts)
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m kure_jax.deploy.export",
-        description="Write a checkpoint's quantised kernels as integer codes (safetensors).")
-    p.add_argument("--checkpoint", required=True,
-                   help="workdir, checkpoint directory or step directory (restore_for_eval).")
-    p.add_argument("--which", default="best", choices=("best", "latest"))
-    p.add_argument("--out", required=True, help="output .safetensors file")
-    p.add_argument("--bits", type=int, default=8, help="code width, 2..8 (default 8)")
-    p.add_argument("--axis", default="-1",
-                   help="channel axis/axes ('-1', '0,3') or 'none' for per-tensor (default -1)")
-    p.add_argument("--asymmetric", action="store_true", help="affine range with a zero point")
-    p.add_argument("--unsigned", action="store_true", help="unsigned codes")
-    p.add_argument("--clip", default="max", help="QuantPolicy.clip (default max)")
-    p.add_argument("--leaf", action="append", default=None,
-                   help="export only this leaf path (repeatable), e.g. params/conv1/kernel")
-    p.add_argument("--kernels-only", action="store_true",
-                   help="do not store the unquantised leaves (biases, BatchNorm)")
-    return p
+def _define_flags(fv: flags.FlagValues) -> None:
+    flags.DEFINE_string("checkpoint", None, "workdir, checkpoint directory or step directory "
+                        "(restore_for_eval)", flag_values=fv, required=True)
+    flags.DEFINE_enum("which", "best", ["best", "latest"], "which checkpoint", flag_values=fv)
+    flags.DEFINE_string("out", None, "output .safetensors file", flag_values=fv, required=True)
+    flags.DEFINE_integer("bits", 8, "code width, 2..8", flag_values=fv)
+    flags.DEFINE_string("axis", "-1", "channel axis/axes ('-1', '0,3') or 'none' for per-tensor",
+                        flag_values=fv)
+    flags.DEFINE_boolean("asymmetric", False, "affine range with a zero point", flag_values=fv)
+    flags.DEFINE_boolean("unsigned", False, "unsigned codes", flag_values=fv)
+    flags.DEFINE_string("clip", "max", "QuantPolicy.clip", flag_values=fv)
+    flags.DEFINE_multi_string("leaf", None, "export only this leaf path (repeatable), e.g. "
+                              "params/conv1/kernel", flag_values=fv)
+    flags.DEFINE_boolean("kernels_only", False, "do not store the unquantised leaves (biases, "
+                         "BatchNorm)", flag_values=fv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns the exit status (0, or 2 with a one-line error).
 
+    Flags are absl flags (``--kernels_only``, ``--leaf=a --leaf=b``; ``--help`` lists them).
+
     Args:
       argv: arguments without the program name (default ``sys.argv[1:]``).
     """
-    args = _parser().parse_args(argv)
+    args = parse_flags(argv, _define_flags, prog="python -m kure_jax.deploy.export",
+                       description="Write a checkpoint's quantised kernels as integer codes "
+                                   "(safetensors).")
     try:
         policy = QuantPolicy(bits=args.bits, axis=_parse_axis(args.axis),
                              symmetric=not args.asymmetric, signed=not args.unsigned,

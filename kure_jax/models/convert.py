@@ -1,6 +1,6 @@
 """torchvision weights -> kure_jax variables, as a checkpoint that train.py and eval.py read.
 
-    python -m kure_jax.models.convert --arch resnet18 --weights resnet18.pth --out runs/tv_resnet18
+    python -m kure_jax.models.convert --arch=resnet18 --weights=resnet18.pth --out=runs/tv_resnet18
     python train.py --config configs/imagenet_resnet18_kure.py --config.init_from=runs/tv_resnet18
     python eval.py --checkpoint runs/tv_resnet18
 
@@ -36,7 +36,6 @@ model, its options, the class count and the source file, so ``restore_for_eval``
 
 from __future__ import annotations
 
-import argparse
 import json
 import pathlib
 import re
@@ -47,7 +46,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import flags
 
+from kure_jax._cli import parse_flags
 from kure_jax.models.registry import MODEL_INPUT_SHAPES, get_model
 
 __all__ = [
@@ -367,17 +368,13 @@ def write_checkpoint(
     return root / "checkpoints" / "0"
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m kure_jax.models.convert",
-        description="Convert torchvision ResNet-18/50 or MobileNet-V2 weights into a kure_jax "
-                    "checkpoint (no download).",
-    )
-    parser.add_argument("--arch", required=True, help=f"one of {sorted(CONVERTIBLE)}")
-    parser.add_argument("--weights", required=True,
-                        help="torchvision state dict: .safetensors, or .pth with torch installed")
-    parser.add_argument("--out", required=True, help="new output directory (the checkpoint)")
-    return parser
+def _define_flags(fv: flags.FlagValues) -> None:
+    flags.DEFINE_string("arch", None, f"one of {sorted(CONVERTIBLE)}", flag_values=fv,
+                        required=True)
+    flags.DEFINE_string("weights", None, "torchvision state dict: .safetensors, or .pth with "
+                        "torch installed", flag_values=fv, required=True)
+    flags.DEFINE_string("out", None, "new output directory (the checkpoint)", flag_values=fv,
+                        required=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -385,7 +382,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     Errors are one ``error:`` line on stderr (no traceback).
     """
-    args = _parser().parse_args(argv)
+    args = parse_flags(argv, _define_flags, prog="python -m kure_jax.models.convert",
+                       description="Convert torchvision ResNet-18/50 or MobileNet-V2 weights "
+                                   "into a kure_jax checkpoint (no download).")
     try:
         _check_arch(args.arch)
         state = load_state_dict(args.weights)
