@@ -1,5 +1,6 @@
 """Helpers shared by the training- and eval-program tests."""
 
+import contextlib
 import importlib.util
 import pathlib
 import signal
@@ -17,6 +18,25 @@ def load_config(name, variant=None):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.get_config(variant)
+
+@contextlib.contextmanager
+def xla_optimizations_off():
+    """Inside the block, XLA compiles without its optimisation passes
+    (``jax_disable_most_optimizations``); the previous value is restored afterwards.
+
+    For tests whose run time is compile time: every number such a test compares is computed
+    under the same setting, so no assertion changes. A whole module uses the ``fast_compiles``
+    fixture of conftest.py instead.
+    """
+    import jax
+
+    previous = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", True)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_disable_most_optimizations", previous)
+
 
 # `python -c WITH_CTRL_C script.py args...` runs the script as __main__ with Python's own SIGINT
 # handler, as under a terminal: a shell that starts pytest as a background job (no job control)

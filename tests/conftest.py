@@ -1,5 +1,6 @@
-"""Shared pytest set-up: CPU only, 8 simulated devices, deterministic hypothesis budgets, and
-the persistent compilation cache fixture of the training-program tests."""
+"""Shared pytest set-up: CPU only, 8 simulated devices, deterministic hypothesis budgets, the
+compile-flags fixture and the persistent compilation cache fixture of the training-program
+tests."""
 
 import os
 
@@ -11,10 +12,49 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
     ).strip()
 
 import pytest
+from _training_helpers import xla_optimizations_off
 from hypothesis import settings
 
 settings.register_profile("kure", max_examples=40, deadline=None, derandomize=True)
 settings.load_profile("kure")
+
+
+def pytest_configure(config):
+    # Under `--dist loadfile` xdist would queue the files by number of tests, which puts the
+    # long files with few tests (subprocesses, trainings) last: one worker then runs them alone
+    # while the other is idle. The order below is used instead (xdist < 3.6 keeps it anyway).
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(config, items):
+    """Runs the test files with ``slow`` tests first (most slow tests first), then the others by
+    number of tests, most first; a file's tests keep their order and stay together.
+
+    Longest work first lets the two xdist workers of ``make test`` finish together.
+    """
+    files = {}
+    for item in items:
+        files.setdefault(item.nodeid.split("::", 1)[0], []).append(item)
+
+    def cost(tests):
+        return (-sum(1 for t in tests if t.get_closest_marker("slow")), -len(tests))
+
+    items[:] = [item for tests in sorted(files.values(), key=cost) for item in tests]
+
+
+@pytest.fixture(scope="module")
+def fast_compiles():
+    """Per module, XLA compiles without its optimisation passes (jax_disable_most_optimizations).
+
+    For modules whose run time is compile time (small programs, interpret-mode kernels): every
+    number such a module compares is computed under the same setting, so no assertion changes.
+    A module opts in with ``pytestmark = pytest.mark.usefixtures("fast_compiles")``, which runs
+    it before the module's own fixtures; a single block uses
+    ``_training_helpers.xla_optimizations_off()``.
+    """
+    with xla_optimizations_off():
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@
 The kernels run through the core's ``impl="pallas"`` (``kure_jax.fake_quant``,
 ``kure_jax.quantize``, ``kure_jax.penalty``, ``kurtosis_many``, ``tensor_moments``). References:
 the same functions with ``impl="jnp"`` (themselves tested against NumPy), NumPy float64 moments
-written here, and ``jax.grad`` of the jnp ``kure_jax.penalty``.
+(here and tests/_references.py), and ``jax.grad`` of the jnp ``kure_jax.penalty``.
 Small blocks make every shape span several tiles with partial edge tiles. The Triton (CUDA) and
 Mosaic (TPU) lowerings are checked with ``jax.export`` from CPU: that runs the Pallas lowering
 (unsupported primitives, block-shape rules) but not the Triton/Mosaic compilers themselves.
@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.stats
+from _references import np_kurtosis, np_kurtosis_grad
 from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -33,13 +34,8 @@ BLOCK = (4, 8)  # Tiny tiles: (13, 10) -> 4 x 2 tiles, the last ones partial.
 _TRITON = [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compiles():
-    """Interpret-mode kernels are XLA while-loops; skipping most optimisations halves test time."""
-    previous = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", previous)
+# Interpret-mode kernels are XLA while-loops; skipping most optimisations halves test time.
+pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 
 def _normal(shape, dtype=jnp.float32, seed=0):
@@ -254,13 +250,8 @@ def _params(offset=0.0):
 
 
 def _np_kurtosis(w, ddof):
-    """Float64 kurtosis and its gradient (the formula in kure_jax.kernels._moments)."""
-    w = np.asarray(w, np.float64)
-    n, d = w.size, w - w.mean()
-    m2, m3, m4 = (d**2).mean(), (d**3).mean(), (d**4).mean()
-    var = m2 * n / (n - ddof)
-    grad = 4 / (n * var**2) * (d**3 - m3) - 4 * m4 / ((n - ddof) * var**3) * d
-    return m4 / var**2, grad
+    """Float64 kurtosis and its gradient (tests/_references.py)."""
+    return np_kurtosis(w, ddof), np_kurtosis_grad(w, ddof)
 
 
 def _assert_grads_close(got, want, rel):

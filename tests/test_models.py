@@ -16,13 +16,8 @@ IMAGENET = ("resnet18", "resnet50", "mobilenet_v2")
 SMALL = ("resnet20", "small_cnn")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compiles():
-    # Compile time dominates these tests; runtime speed does not matter.
-    previous = jax.config.values["jax_disable_most_optimizations"]
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", previous)
+# Compile time dominates these tests; runtime speed does not matter.
+pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 
 @pytest.fixture(scope="module")

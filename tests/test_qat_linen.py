@@ -1,9 +1,10 @@
 """Tests for kure_jax.qat: quantization-aware training of unmodified Flax models.
 
-Expected values come from NumPy quantizers written below from the published formulas (LSQ,
-DoReFa, the KURE reference's learned clip, max-abs), a NumPy conv/dense forward pass, and the
-straight-through gradient rule; Flax's own float layers serve as the reference for conv
-arithmetic (strides, depthwise groups, transposed convs) fed with NumPy-quantised tensors.
+Expected values come from NumPy quantizers written below and in tests/_references.py from the
+published formulas (LSQ, DoReFa, the KURE reference's learned clip, max-abs), a NumPy conv/dense
+forward pass, and the straight-through gradient rule; Flax's own float layers serve as the
+reference for conv arithmetic (strides, depthwise groups, transposed convs) fed with
+NumPy-quantised tensors.
 """
 
 import dataclasses
@@ -15,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _references import np_fake_quant, np_nested
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -44,29 +46,18 @@ def _apply_fn(model, qat, use_jit, **kwargs):
 
 def np_grid(x, s, qmin, qmax):
     """clip(round_half_even(x / s), qmin, qmax) * s in float32."""
-    x, s = np.asarray(x, F32), F32(s)
-    return (np.clip(np.round(x / s), qmin, qmax) * s).astype(F32)
+    return np_fake_quant(x, s, 0, qmin, qmax)
 
 
 def np_signed_range(bits):
     return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
 
 
-def np_nested(x, bits, reduce, c=8):
-    """Matryoshka slice of min-max c-bit codes (float32, op for op as kure_jax.quant.nested)."""
-    lo, hi = x.min(axis=reduce, keepdims=True), x.max(axis=reduce, keepdims=True)
-    s = np.maximum((hi - lo) / F32(2**c - 1), np.finfo(F32).tiny).astype(F32)
-    z = np.round(-lo / s)
-    q = np.clip(np.round(x / s) + z, 0, 2**c - 1)
-    step = F32(2 ** (c - bits))
-    return ((np.clip(np.floor(q / step + F32(0.5)), 0, 2**bits - 1) * step - z) * s).astype(F32)
-
-
 def np_quant_weight(w, name, bits, state):
     w = np.asarray(w, F32)
     n = 2**bits - 1
     if name == "matryoshka":  # per output channel (the last kernel axis)
-        return np_nested(w, bits, tuple(range(w.ndim - 1)))
+        return np_nested(w, bits, reduce=tuple(range(w.ndim - 1)))
     if name == "lsq":
         return np_grid(w, state["kernel_step"], *np_signed_range(bits))
     if name == "max":
@@ -86,7 +77,7 @@ def np_quant_input(x, name, bits, state):
     x = np.asarray(x, F32)
     n = 2**bits - 1
     if name == "matryoshka":
-        return np_nested(x, bits, None)
+        return np_nested(x, bits)
     if name == "dorefa":
         return (np.round(np.clip(x, 0, 1) * F32(n)) / F32(n)).astype(F32)
     if name == "max":
@@ -125,13 +116,8 @@ class TwoLayer(nn.Module):
         return nn.Dense(3, name="dense")(y.reshape((y.shape[0], -1)))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _fast_compiles():
-    # As flax's model tests: these small programs compile much faster without XLA optimisations.
-    old = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", old)
+# As flax's model tests: these small programs compile much faster without XLA optimisations.
+pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 
 def _small_cnn(**kwargs):

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _references import np_nested
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -14,15 +15,9 @@ from kure_jax.quant.nested import minmax_codes, nested_fake_quant, slice_codes
 
 
 def _reference(w: np.ndarray, r: int, c: int, axis=None) -> np.ndarray:
-    """MatQuant's S(q_c, r) read back with the c-bit scale, in float64 NumPy."""
+    """MatQuant's S(q_c, r) read back with the c-bit scale, in float64 NumPy (per ``axis``)."""
     reduce = None if axis is None else tuple(i for i in range(w.ndim) if i != axis % w.ndim)
-    lo = w.min(axis=reduce, keepdims=True).astype(np.float64)
-    hi = w.max(axis=reduce, keepdims=True).astype(np.float64)
-    scale = np.maximum((hi - lo) / (2**c - 1), np.finfo(np.float32).tiny)
-    z = np.round(-lo / scale)
-    q = np.clip(np.round(w / scale) + z, 0, 2**c - 1)
-    s = np.clip(np.floor(q / 2 ** (c - r) + 0.5), 0, 2**r - 1) * 2 ** (c - r)
-    return (s - z) * scale
+    return np_nested(w, r, c, reduce=reduce, dtype=np.float64)
 
 
 @pytest.mark.parametrize("r, c", [(8, 8), (4, 8), (2, 8), (3, 6), (2, 4)])

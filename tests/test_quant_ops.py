@@ -1,7 +1,7 @@
 """Tests for kure_jax.quant: fake_quant, rounding, ranges and LSQ gradients.
 
-Expected values come from NumPy quantizers written below (independent of the JAX code), literal
-tables, or the LSQ gradient formula of Esser et al. 2020, Eq. 3.
+Expected values come from NumPy quantizers (tests/_references.py, independent of the JAX code),
+literal tables, or the LSQ gradient formula of Esser et al. 2020, Eq. 3.
 """
 
 import functools
@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _references import np_fake_quant, np_round
 from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -32,28 +33,6 @@ jit_or_not = pytest.mark.parametrize("use_jit", [False, True], ids=["eager", "ji
 
 def _maybe_jit(fn, use_jit):
     return jax.jit(fn) if use_jit else fn
-
-
-def np_round(v, mode):
-    """NumPy rounding: np.round is half-to-even; the others are built from floor in float64."""
-    v = np.asarray(v)
-    if mode == "nearest":
-        return np.round(v)
-    if mode == "floor":
-        return np.floor(v)
-    assert mode == "nearest_away"
-    # |v| + 0.5 is exact in float64 for float32 v, so floor() sees the true value.
-    v64 = v.astype(np.float64)
-    return (np.sign(v64) * np.floor(np.abs(v64) + 0.5)).astype(v.dtype)
-
-
-def np_fake_quant(x, scale, zero_point, qmin, qmax, mode, dtype=np.float32):
-    """Reference quantise-dequantise in `dtype` (float32 unless float64 is tested)."""
-    x = np.asarray(x, dtype)
-    scale = np.asarray(scale, dtype)
-    zero_point = np.asarray(zero_point, dtype)
-    q = np.clip(np_round(x / scale, mode) + zero_point, qmin, qmax)
-    return ((q - zero_point) * scale).astype(dtype)
 
 
 # --------------------------------------------------------------------------- validation / ranges

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _references import np_fake_quant
 from hypothesis import given
 from hypothesis import strategies as st
 from scipy import optimize, special
@@ -46,10 +47,6 @@ def _codes(bits, signed=True, narrow=True):
         return 0, 2**bits - 1
     half = 2 ** (bits - 1)
     return (-half + 1 if narrow else -half), half - 1
-
-
-def _np_fake_quant(x, scale, zp, qmin, qmax):
-    return (np.clip(np.round(x / scale) + zp, qmin, qmax) - zp) * scale
 
 
 def _reduce_axes(ndim, axis):
@@ -244,7 +241,7 @@ def test_aciq(clip, symmetric, bits):
 
 def _np_mse(x, clip_value, bits):
     qmin, qmax = _codes(bits)
-    return np.mean((_np_fake_quant(x, clip_value / qmax, 0.0, qmin, qmax) - x) ** 2)
+    return np.mean((np_fake_quant(x, clip_value / qmax, 0.0, qmin, qmax, dtype=None) - x) ** 2)
 
 
 @pytest.mark.parametrize("data", ["gauss", "laplace"])
@@ -375,7 +372,7 @@ def test_quantize_on_grid(clip, symmetric, signed, bits):
     np.testing.assert_allclose(codes, np.round(codes), atol=1e-4)
     qmin, qmax = _codes(bits, signed, narrow=symmetric and signed)
     assert codes.min() >= qmin - 1e-4 and codes.max() <= qmax + 1e-4
-    np.testing.assert_allclose(q, _np_fake_quant(x, scale, zp, qmin, qmax), atol=1e-6)
+    np.testing.assert_allclose(q, np_fake_quant(x, scale, zp, qmin, qmax, dtype=None), atol=1e-6)
 
 
 def test_quantize_16_bits_is_nearly_identity(wrap):

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _references import np_cross_entropy, np_kurtosis
 from _training_helpers import ROOT, load_config
 
 from kure_jax.data import DATASET_NAMES, Dataset, InMemoryDataset, get_dataset
@@ -55,21 +56,8 @@ def make_state(config, initial_state):
     return initial_state.replace(tx=tx, opt_state=tx.init(initial_state.trainable))
 
 
-# ---------------------------------------------------------------- NumPy references
-
-
-def np_kurtosis(w):
-    w = np.asarray(w, np.float64).ravel()
-    centred = w - w.mean()
-    return np.mean(centred**4) / np.mean(centred**2) ** 2
-
-
-def np_cross_entropy(logits, labels, num_classes, smoothing):
-    logits = np.asarray(logits, np.float64)
-    shifted = logits - logits.max(-1, keepdims=True)
-    log_probs = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
-    targets = np.eye(num_classes)[labels] * (1 - smoothing) + smoothing / num_classes
-    return -np.mean(np.sum(targets * log_probs, -1))
+# ------------------------------------- NumPy references: np_kurtosis, np_cross_entropy in
+# tests/_references.py
 
 
 SELECTED = {"kernels": ("stem_conv", "conv1", "hidden", "head"), "paper": ("conv1", "hidden")}

@@ -8,6 +8,7 @@ import jax
 import numpy as np
 import optax
 import pytest
+from _references import np_kurtosis
 
 import kure_jax
 from kure_jax.models import SmallCNN
@@ -29,12 +30,6 @@ def setup():
         "label": rng.integers(0, 10, size=4).astype(np.int32),
     }
     return model, state, batch
-
-
-def np_kurtosis(w):
-    centred = np.asarray(w, np.float64).ravel()
-    centred = centred - centred.mean()
-    return np.mean(centred**4) / np.mean(centred**2) ** 2
 
 
 def run_step(model, state, batch, impl, kure_lambda=1.0):
