@@ -377,3 +377,37 @@ def test_element_levels_are_every_representable_value():
         np.testing.assert_array_equal(formats.element_levels(element), _representable(dtype))
     np.testing.assert_array_equal(formats.element_levels("int4"), np.arange(-7, 8))
     np.testing.assert_array_equal(formats.element_levels("nf4"), np.float32(QLORA_NF4))
+
+
+def test_qat_takes_data_types_for_kernels_and_inputs():
+    from kure_jax.qat.config import QATConfig
+    from kure_jax.qat.layer import quantize_input, quantize_kernel
+
+    qat = QATConfig(weight_bits=4, weight_quantizer="mxfp4", act_bits=8,
+                    act_quantizer="mxfp8_e4m3")
+    rng = np.random.default_rng(6)
+    w = jnp.asarray(rng.standard_normal((3, 3, 40, 8)), jnp.float32)
+    x = jnp.asarray(rng.standard_normal((2, 5, 5, 40)), jnp.float32)
+    np.testing.assert_array_equal(quantize_kernel(qat, w, None),
+                                  formats.fake_quant_format(w, "mxfp4"))
+    act = formats.Format(element="fp8_e4m3", scale="mx", axis=-1)  # Blocks along features.
+    np.testing.assert_array_equal(quantize_input(qat, x, None), formats.fake_quant_format(x, act))
+    g = jax.grad(lambda v: jnp.sum(quantize_kernel(qat, v, None)))(w)
+    np.testing.assert_array_equal(g, jax.grad(
+        lambda v: jnp.sum(formats.fake_quant_format(v, "mxfp4")))(w))
+    fp8 = QATConfig(weight_bits=None, act_bits=8, act_quantizer="fp8_e5m2")
+    np.testing.assert_array_equal(quantize_input(fp8, x, None),
+                                  formats.fake_quant_format(x, "fp8_e5m2"))
+    assert not qat.has_learned_state
+    with pytest.raises(ValueError, match="weight_bits=4"):
+        QATConfig(weight_bits=8, weight_quantizer="nvfp4")
+    with pytest.raises(ValueError, match="data type"):
+        QATConfig(weight_quantizer="mxfp5")
+
+
+def test_signed_zero_only_where_the_element_has_one():
+    x = np.float32([-0.0, -1e-6, 0.0])
+    for element in ("int4", "int8", "nf4"):
+        assert not np.signbit(np.asarray(formats.round_element(x, element))).any()
+    np.testing.assert_array_equal(np.signbit(formats.round_element(x, "fp8_e4m3")),
+                                  [True, True, False])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from kure_jax.kernels import IMPLS as KERNEL_IMPLS
+from kure_jax.quant import formats
 from kure_jax.quant.ops import MAX_BITS, MIN_BITS, validate_bits
 from kure_jax.selection import PAPER_LAYERS, LayerRule, as_rule
 
@@ -52,6 +53,12 @@ class QATConfig:
         * ``"matryoshka"``: the top ``weight_bits`` of per-output-channel asymmetric min-max
           ``nest_bits``-bit codes (``kure_jax.quant.nested``, Matryoshka Quantization): a model
           trained so runs at ``weight_bits`` by slicing its int8 codes. No learned state.
+        * a data type, a preset name of :data:`kure_jax.quant.formats.PRESETS` (``"mxfp4"``,
+          ``"nvfp4"``, ``"nf4"``, ``"int4_block32"``, ``"fp8_e4m3"``, ...): the kernel in that
+          format (:func:`~kure_jax.quant.formats.fake_quant_format`; blocks along the kernel's
+          input axis), scales recomputed from the current kernel at every call, no learned
+          state. ``weight_bits`` must be the element's width (4: FP4/INT4/NF4, 6: FP6,
+          8: FP8/INT8).
 
       act_quantizer: input quantizer, one of ``QUANTIZERS``:
 
@@ -62,6 +69,9 @@ class QATConfig:
           so that nothing is clipped at the start.
         * ``"max"``: step from ``max|x|`` of the current tensor at every call (no learned state);
           unsigned codes ``0 .. 2^b - 1`` when the tensor has no negative entry, else signed.
+        * a data type preset (as for kernels; ``act_bits`` its element's width): the input in
+          that format, per-block scales along the features (last) axis computed from the
+          current tensor as MX hardware does, per-tensor formats from its ``max|x|``.
 
         The learned quantizers are unsigned or signed per layer as their init batch says (see the
         module docstring).
@@ -122,11 +132,15 @@ class QATConfig:
                     f"QATConfig.{field} must be None (float) or an int in "
                     f"[{MIN_BITS}, {MAX_BITS}]; got {bits!r}."
                 ) from None
-        for field in ("weight_quantizer", "act_quantizer"):
+        for field, bits_field in (("weight_quantizer", "weight_bits"),
+                                  ("act_quantizer", "act_bits")):
             name = getattr(self, field)
-            if not isinstance(name, str) or name not in QUANTIZERS:
+            if isinstance(name, str) and name in formats.PRESETS:
+                _check_format_bits(field, name, bits_field, getattr(self, bits_field))
+            elif not isinstance(name, str) or name not in QUANTIZERS:
                 raise ValueError(
-                    f"QATConfig.{field} must be one of {QUANTIZERS}; got {name!r}."
+                    f"QATConfig.{field} must be one of {QUANTIZERS} or a data type of "
+                    f"{tuple(formats.PRESETS)}; got {name!r}."
                 )
         try:
             object.__setattr__(self, "nest_bits", validate_bits(self.nest_bits))
@@ -168,6 +182,14 @@ class QATConfig:
         w = f"w{self.weight_bits}-{self.weight_quantizer}" if self.weight_bits else "w-float"
         a = f"a{self.act_bits}-{self.act_quantizer}" if self.act_bits else "a-float"
         return "float" if not self.quantizes else f"{w}/{a}"
+
+
+def _check_format_bits(field: str, name: str, bits_field: str, bits: int | None) -> None:
+    """A data type quantizer's bit width must be its element's (``None``: the tensor is float)."""
+    width = formats.ELEMENTS[formats.PRESETS[name].element].bits
+    if bits is not None and bits != width:
+        raise ValueError(f"QATConfig.{field}={name!r} stores {width}-bit elements; set "
+                         f"{bits_field}={width} (or None for float); got {bits}.")
 
 
 def check_qat(qat: QATConfig) -> None:

@@ -8,6 +8,7 @@ variables).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Protocol
 
@@ -20,6 +21,7 @@ from kure_jax.qat.config import (
     QUANT_COLLECTION,
     QATConfig,
 )
+from kure_jax.quant import formats
 from kure_jax.quant.nested import nested_fake_quant
 from kure_jax.quant.ops import fake_quant, lsq_init_scale
 from kure_jax.quant.quantizers import dorefa_activation, dorefa_weight, learned_clip_quant
@@ -27,6 +29,7 @@ from kure_jax.quant.quantizers import dorefa_activation, dorefa_weight, learned_
 __all__ = [
     "MIN_STEP",
     "QuantizerState",
+    "input_format",
     "input_signedness",
     "input_variable_names",
     "missing_message",
@@ -58,6 +61,8 @@ class QuantizerState(Protocol):
 def quantize_kernel(qat: QATConfig, w: jax.Array, state: QuantizerState) -> jax.Array:
     """``w`` fake-quantised by ``qat.weight_quantizer`` at ``qat.weight_bits`` (same shape)."""
     bits, name = qat.weight_bits, qat.weight_quantizer
+    if name in formats.PRESETS:  # Blocks along the kernel's input axis (-2), fresh scales.
+        return formats.fake_quant_format(w, name)
     if name == "lsq":
         step = state.get(KERNEL_STATE_NAMES["lsq"], lambda: lsq_init_scale(w, bits=bits))
         return fake_quant(w, _floor(step), bits=bits, lsq_grad_scale=qat.lsq_grad_scale,
@@ -77,6 +82,8 @@ def quantize_kernel(qat: QATConfig, w: jax.Array, state: QuantizerState) -> jax.
 def quantize_input(qat: QATConfig, x: jax.Array, state: QuantizerState) -> jax.Array:
     """``x`` fake-quantised by ``qat.act_quantizer`` at ``qat.act_bits`` (same shape, dtype)."""
     bits, name = qat.act_bits, qat.act_quantizer
+    if name in formats.PRESETS:
+        return formats.fake_quant_format(x, input_format(name))
     if name == "dorefa":
         return dorefa_activation(x, bits=bits)
     if name == "matryoshka":
@@ -108,6 +115,13 @@ def _dynamic_max_quant(x: jax.Array, bits: int) -> jax.Array:
     step = _floor(jnp.max(jnp.abs(xs)) / levels)
     zero_point = jnp.where(nonneg, 0.0, float(half))
     return fake_quant(x, step, bits=bits, signed=False, zero_point=zero_point)
+
+
+def input_format(name: str) -> formats.Format:
+    """The data type ``name`` as QAT applies it to layer inputs: blocks along the last
+    (features) axis, the reduction axis of Dense and NHWC conv inputs; others unchanged."""
+    fmt = formats.get_format(name)
+    return dataclasses.replace(fmt, axis=-1) if fmt.granularity == "block" else fmt
 
 
 def input_signedness(name: str, layer: str, x: jax.Array) -> bool:

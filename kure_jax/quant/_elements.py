@@ -68,7 +68,8 @@ def round_element(x: ArrayLike, element: str) -> jax.Array:
       element: one of :data:`ELEMENTS`.
 
     Returns:
-      Array of ``x``'s shape and dtype; ``-0.0`` stays ``-0.0``; NaN stays NaN.
+      Array of ``x``'s shape and dtype; NaN stays NaN. Float elements keep the sign of zero
+      (``-0.0`` is a code); integer elements and NF4 give ``+0.0``.
 
     Raises:
       ValueError: for an unknown ``element`` or a non-floating ``x``.
@@ -131,13 +132,13 @@ def round_to_grid(v: jax.Array, el: Element) -> jax.Array:
         idx = jnp.searchsorted(_nf4_thresholds(v.dtype), v, side="right", method="compare_all")
         return levels[idx]
     a = jnp.minimum(jnp.abs(v), el.max)
-    if el.kind == "int":
+    if el.kind == "int":  # An integer code has no -0: a negative value rounding to 0 is +0.
         q = jnp.round(a)
-    else:
-        # Spacing 2^(e - mbits) in the binade of a, or the subnormal spacing below 2^emin;
-        # scaling by powers of two is exact, so jnp.round's ties-to-even decides the ties.
-        e = jnp.maximum(floor_log2(a), el.emin) - el.mbits
-        q = jnp.round(a * pow2(-e, a.dtype)) * pow2(e, a.dtype)
+        return jnp.where(jnp.isnan(v), v, jnp.where(q == 0, 0.0, jnp.copysign(q, v)))
+    # Spacing 2^(e - mbits) in the binade of a, or the subnormal spacing below 2^emin; scaling
+    # by powers of two is exact, so jnp.round's ties-to-even decides the ties.
+    e = jnp.maximum(floor_log2(a), el.emin) - el.mbits
+    q = jnp.round(a * pow2(-e, a.dtype)) * pow2(e, a.dtype)
     return jnp.where(jnp.isnan(v), v, jnp.copysign(q, v))
 
 
