@@ -62,7 +62,7 @@ def _litert(trained, scheme):
     key = ("litert", scheme)
     if key not in trained["results"]:
         t = trained["test"]
-        trained["results"][key] = litert.evaluate(trained["fn"], trained["calib"], t.images,
+        trained["results"][key] = litert.measure(trained["fn"], trained["calib"], t.images,
                                                   t.labels, scheme=scheme, batch_size=64)
     return trained["results"][key]
 
@@ -71,7 +71,7 @@ def _ort(trained, scheme):
     key = ("onnxruntime", scheme)
     if key not in trained["results"]:
         t = trained["test"]
-        trained["results"][key] = onnx_runtime.evaluate(trained["onnx"], trained["calib"],
+        trained["results"][key] = onnx_runtime.measure(trained["onnx"], trained["calib"],
                                                         t.images, t.labels, scheme=scheme)
     return trained["results"][key]
 
@@ -113,7 +113,7 @@ def test_litert_int8_graph_holds_per_channel_int8_kernels(trained):
 def test_onnx_quantized_graphs_hold_int8_and_int4_kernels(trained):
     kernels = _kernels(trained)
     for bits, onnx_type in ((8, "INT8"), (4, "INT4")):
-        graph = onnx_runtime.quantize(trained["onnx"], trained["calib"],
+        graph = onnx_runtime.quantize_static(trained["onnx"], trained["calib"],
                                       onnx_runtime.OrtScheme(weight_bits=bits))
         sizes = {int(np.prod(dims)) for _, dtype, dims in onnx_runtime.initializer_types(graph)
                  if dtype == onnx_type and len(dims) >= 2}
@@ -175,8 +175,8 @@ def test_a_refused_conversion_is_a_failed_result_not_a_crash():
     labels = np.zeros(64, np.int32)
     # No TFLite builtin and no ORT-valid ONNX lowering for an FFT.
     fft = lambda images: jax.numpy.fft.fft(images.reshape(images.shape[0], -1)).real[:, :3]
-    for result in (litert.evaluate(fft, x, x, labels, scheme="int8", batch_size=32),
-                   onnx_runtime.evaluate(fft, x, x, labels)):
+    for result in (litert.measure(fft, x, x, labels, scheme="int8", batch_size=32),
+                   onnx_runtime.measure(fft, x, x, labels)):
         assert isinstance(result, RuntimeResult) and not result.ok
         assert result.accuracy is None and result.error and "\n" not in result.error
 
@@ -189,7 +189,7 @@ def test_a_missing_runtime_package_raises_one_import_error_naming_it(monkeypatch
     monkeypatch.setitem(sys.modules, "ai_edge_litert.interpreter", None)
     x = np.zeros((2, 4, 4, 1), np.float32)
     with pytest.raises(ImportError, match="pip install ai-edge-litert"):
-        litert.evaluate(lambda im: im.reshape(2, -1), x, x, np.zeros(2, np.int32))
+        litert.measure(lambda im: im.reshape(2, -1), x, x, np.zeros(2, np.int32))
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
     with pytest.raises(ImportError, match="pip install onnxruntime"):
-        onnx_runtime.evaluate(lambda im: im.reshape(2, -1), x, x, np.zeros(2, np.int32))
+        onnx_runtime.measure(lambda im: im.reshape(2, -1), x, x, np.zeros(2, np.int32))

@@ -21,7 +21,7 @@ Intended call from an eval sweep family ``runtimes`` (not wired in yet)::
 
     from kure_jax.deploy import litert, linen_inference
     fn = linen_inference(model, variables)
-    result = litert.evaluate(fn, calib_images, test_images, test_labels, scheme="int8")
+    result = litert.measure(fn, calib_images, test_images, test_labels, scheme="int8")
     row = result.row()   # {"runtime", "scheme", "accuracy", "error", "model_bytes"}
 """
 
@@ -34,7 +34,7 @@ import numpy as np
 
 from kure_jax.deploy.runtime import ApplyFn, RuntimeResult, accuracy, batches, failure, require
 
-__all__ = ["SCHEMES", "convert", "evaluate", "run", "tensor_details"]
+__all__ = ["SCHEMES", "convert", "measure", "run", "tensor_details"]
 
 SCHEMES: tuple[str, ...] = ("float", "int8", "16x8")
 RUNTIME = "litert"
@@ -69,7 +69,7 @@ def convert(
     Raises:
       ValueError: for an unknown scheme or missing calibration images.
       ImportError: if TensorFlow is missing.
-      Exception: whatever the converter raises for a graph it refuses (``evaluate`` turns it
+      Exception: whatever the converter raises for a graph it refuses (``measure`` turns it
         into a failed result).
     """
     if scheme not in SCHEMES:
@@ -147,7 +147,7 @@ def tensor_details(model: bytes) -> list[dict[str, Any]]:
     return details
 
 
-def evaluate(
+def measure(
     apply_fn: ApplyFn,
     calibration_images: np.ndarray,
     images: np.ndarray,

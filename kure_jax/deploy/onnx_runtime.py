@@ -31,7 +31,7 @@ shared by all schemes::
 
     from kure_jax.deploy import onnx_runtime, linen_inference
     graph = onnx_runtime.export_onnx(linen_inference(model, variables), (28, 28, 1))
-    results = [onnx_runtime.evaluate(graph, calib_images, test_images, test_labels, scheme=s)
+    results = [onnx_runtime.measure(graph, calib_images, test_images, test_labels, scheme=s)
                for s in onnx_runtime.SCHEMES]
 """
 
@@ -50,8 +50,8 @@ import numpy as np
 
 from kure_jax.deploy.runtime import ApplyFn, RuntimeResult, accuracy, batches, failure, require
 
-__all__ = ["CALIBRATIONS", "SCHEMES", "OrtScheme", "evaluate", "export_onnx",
-           "initializer_types", "quantize", "run"]
+__all__ = ["CALIBRATIONS", "SCHEMES", "OrtScheme", "export_onnx", "initializer_types",
+           "measure", "quantize_static", "run"]
 
 RUNTIME = "onnxruntime"
 CALIBRATIONS: tuple[str, ...] = ("minmax", "entropy", "percentile")
@@ -206,7 +206,7 @@ def run(model: Any, images: np.ndarray, *, batch_size: int = 500) -> np.ndarray:
                            for chunk in batches(images, batch_size)])
 
 
-def quantize(
+def quantize_static(
     model: Any, calibration_images: np.ndarray, scheme: OrtScheme, *, batch_size: int = 32
 ) -> Any:
     """``quantize_static`` (QDQ) of a float ONNX model under ``scheme``.
@@ -226,7 +226,7 @@ def quantize(
       Exception: ORT's error for a graph it cannot quantise.
     """
     if scheme.weight_bits is None:
-        raise ValueError("quantize needs a scheme with weight_bits 8 or 4.")
+        raise ValueError("quantize_static needs a scheme with weight_bits 8 or 4.")
     onnx = _onnx()
     quantization = require("onnxruntime.quantization", "onnxruntime")
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -276,7 +276,7 @@ def initializer_types(model: Any) -> list[tuple[str, str, tuple[int, ...]]]:
             for i in model.graph.initializer]
 
 
-def evaluate(
+def measure(
     model: ApplyFn | Any,
     calibration_images: np.ndarray,
     images: np.ndarray,
@@ -308,7 +308,7 @@ def evaluate(
         graph = model if isinstance(model, onnx.ModelProto) else export_onnx(
             model, images.shape[1:])
         if scheme.weight_bits is not None:
-            graph = quantize(graph, calibration_images, scheme)
+            graph = quantize_static(graph, calibration_images, scheme)
         logits = run(graph, images)
     except ImportError:
         raise

@@ -30,7 +30,7 @@ class Spec(NamedTuple):
     launch: _config.Launch | None = None
 
 
-def quantize(spec: Spec, x: jax.Array, s: jax.Array, noise: jax.Array | None):
+def quantize_block(spec: Spec, x: jax.Array, s: jax.Array, noise: jax.Array | None):
     """``(v, q)``: ``x / s`` and its rounded, clipped code (computed in ``s``'s dtype)."""
     v = x.astype(s.dtype) / s
     q = jnp.clip(_ops.round_values(v, spec.rounding, noise), spec.qmin, spec.qmax)
@@ -164,7 +164,7 @@ def forward(spec: Spec, x2: jax.Array, s2: jax.Array, words: jax.Array | None) -
     def kernel(x_ref, s_ref, *rest):
         words_ref, y_ref = rest if len(rest) == 2 else (None, *rest)
         x, s, noise, mask = _load_block(spec, x_ref, s_ref, words_ref)
-        _, q = quantize(spec, x, s, noise)
+        _, q = quantize_block(spec, x, s, noise)
         _ops.store(y_ref, (q * s).astype(y_ref.dtype), mask, spec.launch)
 
     block = pl.BlockSpec(spec.block, lambda i, j: (i, j))
@@ -180,7 +180,7 @@ def backward(spec: Spec, x2, s2, words, g) -> tuple[jax.Array, jax.Array]:
     def kernel(x_ref, s_ref, *rest):
         words_ref, g_ref, gx_ref, part_ref = rest if len(rest) == 4 else (None, *rest)
         x, s, noise, mask = _load_block(spec, x_ref, s_ref, words_ref)
-        v, q = quantize(spec, x, s, noise)
+        v, q = quantize_block(spec, x, s, noise)
         g_x, contrib = grad_terms(spec, v, q, _ops.load(g_ref, mask, spec.launch))
         _ops.store(gx_ref, g_x.astype(gx_ref.dtype), mask, spec.launch)
         _store_partial(spec, part_ref, contrib, mask, jnp.sum)
