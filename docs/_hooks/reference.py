@@ -39,6 +39,8 @@ NAV_TITLE = "API reference"
 # that its package lists in __all__ is documented there instead.
 PATH_MODULES = (
     "kure_jax.qat.nnx",
+    "kure_jax.quant.formats",
+    "kure_jax.deploy.format_export",
     "kure_jax.deploy.litert",
     "kure_jax.deploy.onnx_runtime",
     "kure_jax.models.convert",

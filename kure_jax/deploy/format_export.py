@@ -35,7 +35,7 @@ import ml_dtypes
 import numpy as np
 
 from kure_jax import selection
-from kure_jax.deploy.export import _safetensors_numpy, pack_int4, unpack_int4
+from kure_jax.deploy.export import pack_int4, unpack_int4
 from kure_jax.quant import formats
 
 __all__ = [
@@ -51,6 +51,15 @@ _FLOAT_DTYPES = {"fp8_e4m3": ml_dtypes.float8_e4m3fn, "fp8_e5m2": ml_dtypes.floa
                  "fp6_e3m2": ml_dtypes.float6_e3m2fn, "fp6_e2m3": ml_dtypes.float6_e2m3fn,
                  "fp4_e2m1": ml_dtypes.float4_e2m1fn}
 _MXINT8_UNIT = 6  # The spec's MXINT8 elements are 1.6 fixed point: its exponent is ours + 6.
+
+
+def _safetensors_numpy() -> Any:
+    try:
+        import safetensors.numpy as safetensors_numpy
+    except ImportError as err:
+        raise ImportError("format export needs the 'safetensors' package: pip install "
+                          "safetensors") from err
+    return safetensors_numpy
 
 
 def _element_codes(values: np.ndarray, element: str) -> np.ndarray:
