@@ -26,7 +26,6 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True, help="a train.py workdir or checkpoint")
     parser.add_argument("--sweep", default="configs/sweeps/tiny.py")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--devices", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--micro_batch", type=int, default=None)
@@ -40,9 +39,10 @@ def main(argv: list[str] | None = None) -> int:
                                    f" --xla_force_host_platform_device_count={max(args.devices)}")
     import jax
 
-    from kure_jax.evaluation import EvalMesh, load_sweep, run_sweep
+    from kure_jax.evaluation import EvalMesh, Sweep, run_sweep
+    from kure_jax.evaluation.cli import load_sweep_file
 
-    spec = load_sweep(args.sweep, args.set)
+    spec = Sweep.from_config(load_sweep_file(args.sweep))
     runs: dict[int, list[tuple[float, dict]]] = {n: [] for n in args.devices}
     with tempfile.TemporaryDirectory() as out:
         for _ in range(args.repeats):
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(accuracies) != 1 and args.micro_batch is not None:
         raise RuntimeError("runs with the same micro_batch gave different accuracies")
     print(f"{jax.devices()[0].platform} x{len(jax.devices())} ({os.cpu_count()} cores), "
-          f"sweep {args.sweep} {' '.join(args.set)}, micro_batch {args.micro_batch}")
+          f"sweep {args.sweep}, micro_batch {args.micro_batch}")
     print("| devices | points | sweep s (fastest) | images/s (all points) | first run s |")
     print("|---|---|---|---|---|")
     for n, results in runs.items():

@@ -30,17 +30,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kure_jax.evaluation import (
-    SweepSpec,
+from kure_jax.evaluation import Sweep, evaluate, load_checkpoint, make_eval_step
+from kure_jax.evaluation.families.step_ratio import StepRatioConfig
+from kure_jax.evaluation.families.weight import WeightConfig
+from kure_jax.evaluation.forward import (
     classifier_apply,
-    evaluate,
     evaluate_mapped,
-    load_checkpoint,
-    make_eval_step,
     mapped_eval_step,
     ptq_transform,
 )
-from kure_jax.evaluation.sweep import quantized_layers
+from kure_jax.evaluation.layers import target_layers
 
 
 def _timed(fn: Callable[[], list[float]]) -> tuple[float, list[float]]:
@@ -59,17 +58,17 @@ def time_step_ratio_sweep(
       RuntimeError: if a method's accuracies differ from the first's by more than one test
         image (never for valid inputs).
     """
-    spec = SweepSpec()
+    spec, grid, weights = Sweep(), StepRatioConfig(), WeightConfig()  # the default sweep's
     loaded = load_checkpoint(checkpoint)
     model, dataset = loaded.model, loaded.dataset
     variables = {k: v for k, v in loaded.variables.items() if k != "quant"}
-    where, _ = quantized_layers(model, dataset.image_shape, spec.layers)
+    where, _ = target_layers(loaded.target(), spec.layers)
     batches = list(dataset.eval_batches(global_batch_size=spec.eval_batch_size))
     apply_fn = classifier_apply(model)
-    ratios = spec.step_ratios()
+    ratios = grid.ratios()
     rows = []
     for b in bits:
-        policy = spec.weight_policy(spec.step_ratio_quantizer, b)
+        policy = weights.policy(grid.quantizer, b)
 
         def mapped(c: int, policy=policy) -> list[float]:
             step = mapped_eval_step(

@@ -26,7 +26,6 @@ Recipes (group names in the report):
 
 from __future__ import annotations
 
-import argparse
 import logging
 import pathlib
 import runpy
@@ -36,9 +35,11 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from absl import flags
 
-from kure_jax.evaluation import load_sweep, run_sweep, summary_table
-from kure_jax.evaluation.runtime_report import runtimes_table
+from kure_jax.evaluation import Sweep, run_sweep, summary_table
+from kure_jax.evaluation.cli import load_sweep_file
+from kure_jax.evaluation.families.runtimes import runtimes_table
 from kure_jax.training import train_and_evaluate
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -146,22 +147,34 @@ def _train(config_path: pathlib.Path, overrides: Mapping[str, Any], seed: int,
     return train_and_evaluate(config, workdir).eval_metrics["accuracy"]
 
 
+def _flags(argv: Sequence[str]) -> flags.FlagValues:
+    """The demo's absl flags, parsed from ``argv`` (without the program name)."""
+    fv = flags.FlagValues()
+    flags.DEFINE_string("workdir", "runs/demo", "Where the runs go.", flag_values=fv)
+    flags.DEFINE_integer("seeds", 1, "Seeds per recipe (0, 1, ...).", flag_values=fv)
+    flags.DEFINE_bool("qat", False, "Add the W4A4 QAT pair.", flag_values=fv)
+    flags.DEFINE_bool("dorefa", False, "Add the W4A4 DoReFa QAT pair.", flag_values=fv)
+    flags.DEFINE_bool("ablation", False, "Add K_T = 3 and 4.", flag_values=fv)
+    flags.DEFINE_string("configs", str(ROOT / "configs"),
+                        "Directory of the configs (default: the repository's).", flag_values=fv)
+    flags.DEFINE_string("sweep", None, "Sweep file (default: CONFIGS/sweeps/default.py).",
+                        flag_values=fv)
+    flags.DEFINE_string("out", None, "Sweep output (default: WORKDIR/eval).", flag_values=fv)
+    flags.DEFINE_bool("progress", True, "Show the sweep's progress bar (on a terminal).",
+                      flag_values=fv)
+    fv(["demo.py", *argv])
+    return fv
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", default="runs/demo")
-    parser.add_argument("--seeds", type=int, default=1, help="seeds per recipe (0, 1, ...)")
-    parser.add_argument("--qat", action="store_true", help="add the W4A4 QAT pair")
-    parser.add_argument("--dorefa", action="store_true", help="add the W4A4 DoReFa QAT pair")
-    parser.add_argument("--ablation", action="store_true", help="add K_T = 3 and 4")
-    parser.add_argument("--configs", default=str(ROOT / "configs"),
-                        help="directory of the configs (default: the repository's)")
-    parser.add_argument("--sweep", default=None, help="sweep file (default: default.py)")
-    parser.add_argument("--out", default=None, help="sweep output (default: WORKDIR/eval)")
-    parser.add_argument("--no-progress", action="store_true")
-    args = parser.parse_args(argv)
+    try:
+        args = _flags(sys.argv[1:] if argv is None else argv)
+        configs = pathlib.Path(args.configs)
+        spec = Sweep.from_config(load_sweep_file(args.sweep or configs / "sweeps" / "default.py"))
+    except (flags.Error, ValueError) as err:  # UsageError is a ValueError
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     logging.getLogger("absl").setLevel(logging.ERROR)  # Orbax's per-checkpoint chatter
-    configs = pathlib.Path(args.configs)
-    spec = load_sweep(args.sweep or configs / "sweeps" / "default.py")
     recipes = ["baseline", "kure"] + (["qat_baseline", "qat_kure"] if args.qat else []) + (
         ["dorefa_baseline", "dorefa_kure"] if args.dorefa else []) + (
         ["kure_kt3", "kure_kt4"] if args.ablation else [])
@@ -179,7 +192,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             checkpoints.append(f"{recipe}={workdir}")
     t0 = time.perf_counter()
     out = pathlib.Path(args.out) if args.out else root / "eval"
-    data = run_sweep(checkpoints, spec, out, progress=False if args.no_progress else None)
+    data = run_sweep(checkpoints, spec, out, progress=None if args.progress else False)
     print(f"swept {len(checkpoints)} checkpoints, {len(data['points'])} points "
           f"({time.perf_counter() - t0:.0f} s); report: {out / 'report.md'}\n")
     print(summary_table(data, by_group=True))

@@ -11,7 +11,7 @@ The three stages are the real programs, each in its own process, as on a pod:
    --config.init_from=<converted>`` for a few steps (``--steps``, global batch ``--batch_size``)
    on TFDS's mock ``imagenet2012`` at 224x224, on ``--devices`` simulated CPU devices.
 3. ``eval``: ``eval.py --checkpoint <train workdir> --sweep configs/sweeps/tiny.py`` with
-   ``--set`` overrides (``EVAL_SETS``: 7 points; eval batch and calibration images
+   ``--sweep.KEY=VALUE`` overrides (``EVAL_SETS``: 7 points; eval batch and calibration images
    ``--batch_size``) on the same mock data and devices.
 
 Mock data: ``tensorflow_datasets.testing.mock_data(num_examples=N)`` replaces the dataset
@@ -206,7 +206,7 @@ def rehearse(out: pathlib.Path, *, steps: int = 2, batch_size: int = 8, num_exam
       batch_size: global train and eval batch; a multiple of ``devices``.
       num_examples: examples of every mock split (train, validation).
       devices: simulated CPU devices of the train and eval processes.
-      eval_sets: ``eval.py --set`` overrides of ``configs/sweeps/tiny.py``, after
+      eval_sets: ``eval.py --sweep.KEY=VALUE`` overrides of ``configs/sweeps/tiny.py``, after
         ``eval_batch_size`` and ``weight_act.calibration_images`` = ``batch_size``.
       seed: seed of the random torchvision weights.
 
@@ -255,8 +255,8 @@ def rehearse(out: pathlib.Path, *, steps: int = 2, batch_size: int = 8, num_exam
                   f"--workdir={workdir}"],
         "eval": [*mock, "--record", str(out / "eval.device.json"), "eval.py",
                  "--checkpoint", str(workdir), "--sweep", "configs/sweeps/tiny.py",
-                 *(arg for s in eval_sets for arg in ("--set", s)),
-                 "--out", str(eval_out), "--no-progress"],
+                 *(f"--sweep.{s}" for s in eval_sets),
+                 "--out", str(eval_out), "--noprogress"],
     }
     summary: dict[str, Any] = {
         "settings": {"steps": steps, "batch_size": batch_size, "num_examples": num_examples,

@@ -163,7 +163,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_flags(argv, _define_flags, prog="scripts/multibit_compare.py",
                        description=__doc__.splitlines()[0])
     logging.getLogger("absl").setLevel(logging.ERROR)
-    from kure_jax.evaluation import load_sweep, markdown_report, run_sweep
+    from kure_jax.evaluation import Sweep, run_sweep
+    from kure_jax.evaluation.cli import load_sweep_file
+    from kure_jax.evaluation.report import markdown_report
     from kure_jax.training import train_and_evaluate
 
     configs = pathlib.Path(args.configs)
@@ -206,7 +208,7 @@ def main(argv: Sequence[str] | None = None) -> int:
              "timing_steps": args.timing_steps, "timing_rounds": args.timing_rounds},
             indent=1) + "\n")
         print(f"timed the training steps ({time.perf_counter() - t0:.0f} s)", flush=True)
-    spec = load_sweep(args.sweep or configs / "sweeps" / "multibit.py")
+    spec = Sweep.from_config(load_sweep_file(args.sweep or configs / "sweeps" / "multibit.py"))
     t0 = time.perf_counter()
     data = run_sweep(checkpoints, spec, out, progress=False if not args.progress else None)
     print(f"swept {len(checkpoints)} checkpoints, {len(data['points'])} points "

@@ -1,6 +1,7 @@
 """The eval.py command line: an end-to-end run, and one clear error line plus exit code 2 for
 each bad input (missing, corrupted or mismatched checkpoint; unknown sweep key or file)."""
 
+import errno
 import json
 import os
 import pathlib
@@ -46,8 +47,8 @@ def run_eval(*args, cwd=ROOT):
 def test_cli_end_to_end(workdir, tmp_path):
     out = tmp_path / "out"
     result = run_eval("--checkpoint", f"a={workdir}", "--checkpoint", f"b={workdir}",
-                      "--sweep", TINY_SWEEP, "--set", "weight_act.pairs=()",
-                      "--set", "weight.bits=(4, 2)", "--out", out)
+                      "--sweep", TINY_SWEEP, "--sweep.weight_act.pairs=()",
+                      "--sweep.weight.bits=(4, 2)", "--out", out)
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
     assert result.stdout.startswith("| model | FP | W4 max | W2 max |")
@@ -70,6 +71,14 @@ def corrupt(src, dst):
     return dst
 
 
+def truncated_metadata(src, dst):
+    """Every step's ``state/_METADATA`` cut short (a JSONDecodeError inside Orbax)."""
+    shutil.copytree(src, dst)
+    for metadata in dst.glob("*/*/state/_METADATA"):
+        metadata.write_text(metadata.read_text()[:40])
+    return dst
+
+
 def mismatch(src, dst):
     """A checkpoint whose weights come from another model config than the one it carries."""
     shutil.copytree(src, dst)
@@ -78,6 +87,11 @@ def mismatch(src, dst):
         config["model_options"]["hidden"] = 48
         config_file.write_text(json.dumps(config))
     return dst
+
+
+def a_file(tmp_path):
+    (tmp_path / "a_file").write_text("not a directory")
+    return tmp_path / "a_file"
 
 
 def bad_sweep_file(tmp_path):
@@ -91,10 +105,22 @@ CASES = {
     "missing checkpoint": (lambda w, t: ["--checkpoint", t / "nowhere"], "no such file"),
     "corrupted checkpoint": (lambda w, t: ["--checkpoint", corrupt(w, t / "c")],
                              "cannot be restored"),
+    "truncated _METADATA": (lambda w, t: ["--checkpoint", truncated_metadata(w, t / "t")],
+                            "cannot be restored"),
     "other model config": (lambda w, t: ["--checkpoint", mismatch(w, t / "m")],
                            "do not match the model of its own config"),
-    "unknown sweep key": (lambda w, t: ["--checkpoint", w, "--set", "weight.bitz=(4,)"],
-                          "unknown sweep key 'weight.bitz'"),
+    "unknown sweep key": (lambda w, t: ["--checkpoint", w, "--sweep.weight.bitz=(4,)"],
+                          "unknown sweep key 'weight.bitz' (in --sweep.weight.bitz); closest: "
+                          "weight.bits, "),
+    "unknown sweep section": (lambda w, t: ["--checkpoint", w, "--sweep.wieght.bits=(4,)"],
+                              "unknown sweep key 'wieght' (in --sweep.wieght.bits); closest: "
+                              "weight, weight_act"),
+    "old --set spelling": (lambda w, t: ["--checkpoint", w, "--set", "weight.bits=(4,)"],
+                           "--set is gone: use --sweep.KEY=VALUE"),
+    "bad sweep value": (lambda w, t: ["--checkpoint", w, "--sweep.weight.bits=(4, 1)"],
+                        "sweep key 'weight.bits' needs bit widths that are ints in [2, 16]"),
+    "out is a file": (lambda w, t: ["--checkpoint", w, "--out", a_file(t)],
+                      "is a file, not a directory"),
     "unknown key in sweep file": (lambda w, t: ["--checkpoint", w, "--sweep", bad_sweep_file(t)],
                                   "unknown sweep key 'weight.bitz'"),
     "missing sweep file": (lambda w, t: ["--checkpoint", w, "--sweep", t / "none.py"],
@@ -108,7 +134,9 @@ def test_cli_errors_are_one_line(workdir, tmp_path, case):
     args = make_args(workdir, tmp_path)
     if "--sweep" not in args:
         args += ["--sweep", TINY_SWEEP]
-    result = run_eval(*args, "--out", tmp_path / "out")
+    if "--out" not in args:
+        args += ["--out", tmp_path / "out"]
+    result = run_eval(*args)
     assert result.returncode == 2, (result.stdout, result.stderr)
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
@@ -119,7 +147,7 @@ def test_ctrl_c_keeps_finished_points(workdir, tmp_path):
     out = tmp_path / "out"
     results = out / "results.json"
     code, stderr = interrupt_when(  # the default sweep: far longer than this test waits
-        ROOT / "eval.py", ["--checkpoint", workdir, "--out", out, "--no-progress"],
+        ROOT / "eval.py", ["--checkpoint", workdir, "--out", out, "--noprogress"],
         ready=lambda: results.is_file() and len(json.loads(results.read_text())["points"]) >= 3,
         env=ENV, timeout=60)
     assert code == 130, stderr
@@ -132,7 +160,7 @@ def test_ctrl_c_keeps_finished_points(workdir, tmp_path):
 def test_ctrl_c_swallowed_by_a_library_still_stops_the_sweep(monkeypatch, tmp_path):
     # A KeyboardInterrupt raised inside code that discards it (as C code that clears a Python
     # callback's error does) must still stop the sweep at the next task boundary.
-    import kure_jax.evaluation
+    from kure_jax.evaluation import runner
 
     eval_main = runpy.run_path(str(ROOT / "eval.py"))["main"]
     tasks_run = []
@@ -149,7 +177,7 @@ def test_ctrl_c_swallowed_by_a_library_still_stops_the_sweep(monkeypatch, tmp_pa
             after_task(task, [])
         return {"checkpoints": [], "points": []}
 
-    monkeypatch.setattr(kure_jax.evaluation, "run_sweep", fake_run_sweep)
+    monkeypatch.setattr(runner, "run_sweep", fake_run_sweep)
     inherited = signal.signal(signal.SIGINT, signal.default_int_handler)  # see WITH_CTRL_C
     try:
         code = eval_main(["--checkpoint", str(tmp_path), "--sweep", TINY_SWEEP,
@@ -178,3 +206,52 @@ def test_step_ratio_sweep_benchmark_runs(workdir):
         (2, "mapped chunk=1"), (2, "mapped chunk=2"), (2, "loop, ratio as array"),
         (2, "loop, recompiling per point")]
     assert all(seconds > 0 for *_, seconds in rows)
+
+
+@pytest.mark.slow  # the workdir fixture trains a model
+def test_out_problems_stop_before_any_checkpoint_is_restored(workdir, tmp_path, capsys,
+                                                             monkeypatch):
+    """A read-only --out (an injected EROFS: the tests run as root, which writes anywhere)."""
+    from kure_jax.evaluation import cli, runner
+
+    eval_main = runpy.run_path(str(ROOT / "eval.py"))["main"]
+    restored = []
+    monkeypatch.setattr(runner, "load_checkpoint", lambda *a, **k: restored.append(a))
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(cli.tempfile, "NamedTemporaryFile", read_only)
+    code = eval_main(["--checkpoint", str(workdir), "--sweep", TINY_SWEEP,
+                      "--out", str(tmp_path / "ro")])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, lines
+    assert lines[0] == (f"error: --out {tmp_path / 'ro'} cannot be written (OSError: [Errno 30] "
+                        "Read-only file system).")
+    assert restored == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("value, what", [(np.nan, "1 NaN"), (np.inf, "1 inf")])
+def test_non_finite_weights_are_refused_naming_the_leaf(workdir, tmp_path, capsys, monkeypatch,
+                                                        value, what):
+    import kure_jax.training
+
+    restore = kure_jax.training.restore_for_eval
+
+    def damaged(path, *, which):
+        config, model, variables = restore(path, which=which)
+        params = jax.tree.map(np.asarray, variables["params"])
+        params["head"]["bias"] = params["head"]["bias"].copy()
+        params["head"]["bias"][3] = value
+        return config, model, {**variables, "params": params}
+
+    monkeypatch.setattr(kure_jax.training, "restore_for_eval", damaged)
+    eval_main = runpy.run_path(str(ROOT / "eval.py"))["main"]
+    code = eval_main(["--checkpoint", str(workdir), "--sweep", TINY_SWEEP,
+                      "--out", str(tmp_path / "out")])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, lines
+    assert lines[0].startswith(f"error: checkpoint {workdir}: params/head/bias holds {what} of "
+                               "10 values; non-finite weights cannot be evaluated"), lines[0]
+    assert not (tmp_path / "out" / "results.json").exists()

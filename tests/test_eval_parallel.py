@@ -15,14 +15,15 @@ import numpy as np
 import pytest
 from _training_helpers import ROOT, free_port, load_config, run_processes
 
-from kure_jax.evaluation import EvalMesh, load_sweep, run_sweep, validate_results
+from configs.sweeps import tiny
+from kure_jax.evaluation import EvalMesh, Sweep, run_sweep, validate_results
 from kure_jax.evaluation.forward import batch_rows, evaluate, make_eval_step
 from kure_jax.training import train_and_evaluate
 
 TINY_SWEEP = str(ROOT / "configs" / "sweeps" / "tiny.py")
 # 300 test images per batch: not a multiple of 8 devices x 38 rows, so batches are padded.
-SWEEP_SET = ["eval_batch_size=300", "weight.bits=(4,)", "weight_act.pairs=((4, 4),)",
-             "qat.bits=(3,)"]
+SWEEP_SET = {"eval_batch_size": 300, "weight.bits": (4,), "weight_act.pairs": ((4, 4),),
+             "qat.bits": (3,)}
 MICRO = 38
 TIMEOUT_S = 300
 FIELDS = ("checkpoint", "kind", "quantizer", "weight_bits", "act_bits", "step_ratio", "accuracy",
@@ -42,13 +43,22 @@ def checkpoint(tmp_path_factory):
     return path
 
 
+def load_sweep(overrides):
+    """The tiny sweep with ``{"section.key": value}`` overrides."""
+    config = tiny.get_config()
+    for key, value in overrides.items():
+        section, _, name = key.rpartition(".")
+        setattr(config[section] if section else config, name, value)
+    return Sweep.from_config(config)
+
+
 def _points(data):
     return [tuple(p[k] for k in FIELDS) for p in data["points"]]
 
 
 @pytest.fixture(scope="module")
 def one_device(checkpoint, tmp_path_factory):
-    spec = load_sweep(TINY_SWEEP, SWEEP_SET)
+    spec = load_sweep(SWEEP_SET)
     out = tmp_path_factory.mktemp("one_device")
     return run_sweep([str(checkpoint)], spec, out, progress=False,
                      mesh=EvalMesh(jax.devices()[:1], micro_batch=MICRO))
@@ -56,7 +66,7 @@ def one_device(checkpoint, tmp_path_factory):
 
 def test_eight_devices_equal_one_device_exactly(checkpoint, one_device, tmp_path):
     assert len(jax.devices()) == 8
-    spec = load_sweep(TINY_SWEEP, SWEEP_SET)
+    spec = load_sweep(SWEEP_SET)
     data = run_sweep([str(checkpoint)], spec, tmp_path, progress=False,
                      mesh=EvalMesh(micro_batch=MICRO))
     kinds = {p["kind"] for p in data["points"]}
@@ -72,8 +82,8 @@ def test_eight_devices_equal_one_device_exactly(checkpoint, one_device, tmp_path
 
 def test_without_micro_batches_points_agree_to_float32_rounding(checkpoint, one_device,
                                                                 tmp_path):
-    spec = load_sweep(TINY_SWEEP, [*SWEEP_SET, "weight_act.pairs=()", "step_ratio.bits=()",
-                                   "qat.bits=()", "qat.step_ratio=False"])
+    spec = load_sweep({**SWEEP_SET, "weight_act.pairs": (), "step_ratio.bits": (),
+                       "qat.bits": (), "qat.step_ratio": False})
     data = run_sweep([str(checkpoint)], spec, tmp_path, progress=False, mesh=EvalMesh())
     reference = {(p["kind"], p["quantizer"], p["weight_bits"]): p for p in one_device["points"]}
     for point in data["points"]:
@@ -129,10 +139,9 @@ def _env(devices):
 def _eval_command(checkpoint, out):
     args = [sys.executable, str(ROOT / "eval.py"), "--checkpoint", str(checkpoint),
             "--sweep", TINY_SWEEP, "--out", str(out), "--micro_batch", str(MICRO),
-            "--no-progress"]
-    for item in [*SWEEP_SET, "step_ratio.bits=()", "qat.step_ratio=False", "qat.bits=()"]:
-        args += ["--set", item]
-    return args
+            "--noprogress"]
+    overrides = {**SWEEP_SET, "step_ratio.bits": (), "qat.step_ratio": False, "qat.bits": ()}
+    return args + [f"--sweep.{key}={value}" for key, value in overrides.items()]
 
 
 def test_two_processes_equal_one_process(checkpoint, tmp_path):

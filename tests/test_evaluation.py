@@ -2,7 +2,6 @@
 the vmapped/mapped sweeps against Python loops, calibration against NumPy, spec validation,
 the results schema and an interrupted sweep."""
 
-import dataclasses
 import json
 import pathlib
 import runpy
@@ -13,28 +12,28 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from configs.sweeps import tiny
 from kure_jax import QuantPolicy, quantize_params
 from kure_jax.data import get_dataset
 from kure_jax.evaluation import (
-    SweepSpec,
-    SweepTarget,
-    activation_quantized,
+    Sweep,
     calibrate_activations,
-    classifier_apply,
     evaluate,
-    evaluate_mapped,
-    layer_inputs,
-    load_sweep,
     make_eval_step,
-    mapped_eval_step,
-    markdown_report,
-    plan_sweep,
-    ptq_transform,
     run_sweep,
     summary_table,
     validate_results,
 )
-from kure_jax.evaluation.sweep import quantized_layers
+from kure_jax.evaluation.calibration import activation_quantized, layer_inputs
+from kure_jax.evaluation.forward import (
+    classifier_apply,
+    evaluate_mapped,
+    mapped_eval_step,
+    ptq_transform,
+)
+from kure_jax.evaluation.layers import target_layers
+from kure_jax.evaluation.report import markdown_report
+from kure_jax.evaluation.sweep import Target, plan_sweep
 from kure_jax.qat import QATConfig, quantized_init
 from kure_jax.training import restore_for_eval, train_and_evaluate
 
@@ -77,10 +76,16 @@ def dataset():
     return get_dataset("mnist5k")
 
 
+def paper_where(model, dataset):
+    """The sweep's default selection ("paper") resolved for a Linen model."""
+    target = Target(label="t", group="t", model=model, variables={}, dataset=dataset)
+    return target_layers(target, "paper")[0]
+
+
 @pytest.fixture(scope="module")
 def sweep(workdir, tmp_path_factory):
     out = tmp_path_factory.mktemp("sweep")
-    spec = load_sweep(ROOT / "configs" / "sweeps" / "tiny.py")
+    spec = Sweep.from_config(tiny.get_config())
     data = run_sweep([f"tiny={workdir}"], spec, out, progress=False)
     return spec, data, out
 
@@ -110,14 +115,15 @@ def test_sweep_writes_valid_results(sweep):
     validate_results(on_disk)
     assert on_disk == data and on_disk["complete"]
     kinds = [p["kind"] for p in data["points"]]
-    per_bits = sum(spec.stochastic_seeds if q.get("rounding") == "stochastic" else 1
-                   for q in spec.weight_quantizers.values())
+    weight, wa, ratio = (spec.families[k] for k in ("weight", "weight_act", "step_ratio"))
+    per_bits = sum(weight.stochastic_seeds if q.get("rounding") == "stochastic" else 1
+                   for q in weight.quantizers.values())
     assert kinds.count("fp") == 1
-    assert kinds.count("weight") == len(spec.weight_bits) * per_bits
-    assert kinds.count("weight_act") == len(spec.wa_pairs)
-    assert kinds.count("step_ratio") == len(spec.step_ratio_bits) * spec.step_ratio_num
-    assert len(kinds) == len(data["points"]) == 1 + len(spec.weight_bits) * per_bits + len(
-        spec.wa_pairs) + len(spec.step_ratio_bits) * spec.step_ratio_num
+    assert kinds.count("weight") == len(weight.bits) * per_bits
+    assert kinds.count("weight_act") == len(wa.pairs)
+    assert kinds.count("step_ratio") == len(ratio.bits) * ratio.num
+    assert len(kinds) == len(data["points"]) == 1 + len(weight.bits) * per_bits + len(
+        wa.pairs) + len(ratio.bits) * ratio.num
     (checkpoint,) = data["checkpoints"]
     assert checkpoint["group"] == "tiny" and checkpoint["quantized_layers"] == [
         "conv1/kernel", "hidden/kernel"]  # the paper's selection: not stem_conv, not head
@@ -178,7 +184,7 @@ def loop_reference(model, variables, dataset, policy, where, **per_point):
 @pytest.mark.parametrize("chunk", [1, 4])
 def test_mapped_step_ratio_sweep_equals_loop(restored, dataset, chunk):
     _, model, variables = restored
-    where, _ = quantized_layers(model, dataset.image_shape, "paper")
+    where = paper_where(model, dataset)
     policy = QuantPolicy(bits=3)
     ratios = np.linspace(0.7, 1.3, 7, dtype=np.float32)
     traces = []
@@ -204,11 +210,11 @@ def test_mapped_step_ratio_sweep_equals_loop(restored, dataset, chunk):
 
 def test_stochastic_rounding_seeds_equal_loop(restored, dataset):
     _, model, variables = restored
-    where, _ = quantized_layers(model, dataset.image_shape, "paper")
-    target = SweepTarget(label="t", group="t", model=model, variables=variables, dataset=dataset)
-    spec = SweepSpec(weight_bits=(2,), weight_quantizers={"sr": {"rounding": "stochastic"},
-                                                          "max": {}},
-                     stochastic_seeds=3, wa_pairs=(), step_ratio_bits=(), map_chunk=2)
+    where = paper_where(model, dataset)
+    target = Target(label="t", group="t", model=model, variables=variables, dataset=dataset)
+    spec = Sweep.from_config({"map_chunk": 2, "weight": {
+        "bits": (2,), "quantizers": {"sr": {"rounding": "stochastic"}, "max": {}},
+        "stochastic_seeds": 3}})
     tasks = [t for t in plan_sweep(target, spec) if t.quantizer == "sr"]
     (task,) = tasks
     points = task.run()
@@ -299,10 +305,11 @@ def test_qat_rebits_at_trained_bits_equals_as_trained(dataset):
     qat = QATConfig(weight_bits=4, act_bits=4)
     images = next(dataset.train_batches(seed=0, start_step=0, global_batch_size=64))["image"]
     variables = quantized_init(model, jax.random.key(0), images, qat=qat, train=False)
-    target = SweepTarget(label="q", group="q", model=model, variables=variables,
-                         dataset=dataset, qat=qat)
-    spec = SweepSpec(weight_bits=(), wa_pairs=(), step_ratio_bits=(), qat_bits=(4,),
-                     step_ratio_start=0.9, step_ratio_stop=1.1, step_ratio_num=3)
+    target = Target(label="q", group="q", model=model, variables=variables, dataset=dataset,
+                    qat=qat)
+    # The qat family alone, with the step_ratio section's grid (its own bits: none).
+    spec = Sweep.from_config({"qat": {"bits": (4,)},
+                              "step_ratio": {"bits": (), "start": 0.9, "stop": 1.1, "num": 3}})
     points = [p for task in plan_sweep(target, spec) for p in task.run()]
     by = {(p["kind"], p["weight_bits"], round(p["step_ratio"], 4)): p for p in points}
     trained = by[("qat", 4, 1.0)]
@@ -314,58 +321,14 @@ def test_qat_rebits_at_trained_bits_equals_as_trained(dataset):
     assert by[("qat_step_ratio", 4, 1.1)]["loss"] != pytest.approx(trained["loss"], rel=1e-6)
 
 
-# ------------------------------------------------------------------------- sweep configs
-
-
-def test_default_sweep_file_matches_spec_defaults():
-    assert load_sweep(ROOT / "configs" / "sweeps" / "default.py") == SweepSpec()
-    spec = SweepSpec()
-    assert SweepSpec.from_config(spec.to_config_dict()) == spec
-    assert len(spec.step_ratios()) == 61 and spec.step_ratios()[30] == pytest.approx(1.0)
-
-
-def test_sweep_overrides():
-    spec = load_sweep(ROOT / "configs" / "sweeps" / "tiny.py",
-                      ["weight.bits=(5, 3)", "layers=kernels", "step_ratio.num=9"])
-    assert spec.weight_bits == (5, 3) and spec.layers == "kernels" and spec.step_ratio_num == 9
-
-
-@pytest.mark.parametrize("config, message", [
-    ({"bitz": 3}, "unknown sweep key 'bitz'; allowed keys: layers"),
-    ({"weight": {"bitz": 3}}, "unknown sweep key 'weight.bitz'; allowed keys of 'weight'"),
-    ({"weight": {"bits": (8, 1)}}, r"ints in \[2, 16\]"),
-    ({"weight": {"quantizers": {"x": {"clipp": "max"}}}}, "unknown QuantPolicy field"),
-    ({"weight": {"quantizers": {"x": {"clip": "minmax"}}}}, "weight.quantizers.x.*clip"),
-    ({"weight_act": {"weight_quantizer": "nope"}}, "must name one of weight.quantizers"),
-    ({"weight_act": {"act_clip": "nope"}}, "act_clip"),
-    ({"weight_act": {"pairs": ((8,),)}}, "pairs"),
-    ({"step_ratio": {"quantizer": "stochastic"}}, "deterministic"),
-    ({"step_ratio": {"start": 1.2, "stop": 0.8}}, "start <= stop"),
-    ({"layers": "some"}, "'layers' must be one of"),
-    ({"map_chunk": 0}, "'map_chunk' must be an int >= 1"),
-    ({"qat": {"step_ratio": 1}}, "True or False"),
-])
-def test_sweep_config_errors(config, message):
-    with pytest.raises(ValueError, match=message):
-        SweepSpec.from_config(config)
-
-
-def test_load_sweep_errors(tmp_path):
-    with pytest.raises(ValueError, match="does not exist"):
-        load_sweep(tmp_path / "missing.py")
-    (tmp_path / "empty.py").write_text("x = 1\n")
-    with pytest.raises(ValueError, match="defines no get_config"):
-        load_sweep(tmp_path / "empty.py")
-    with pytest.raises(ValueError, match="KEY=VALUE"):
-        load_sweep(ROOT / "configs" / "sweeps" / "tiny.py", ["weight.bits"])
-
-
 # ------------------------------------------------------------- results, report, interrupts
 
 
 def test_interrupted_sweep_keeps_finished_points(workdir, tmp_path):
-    spec = dataclasses.replace(load_sweep(ROOT / "configs" / "sweeps" / "tiny.py"),
-                               wa_pairs=(), plots=False)
+    config = tiny.get_config()
+    config.weight_act.pairs = ()
+    config.report.plots = False
+    spec = Sweep.from_config(config)
     finished = []
 
     def after_task(task, points):

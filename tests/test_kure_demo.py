@@ -136,7 +136,7 @@ def test_demo_trains_sweeps_and_prints_the_comparison(demo, tmp_path, capsys):
     jax.config.update("jax_disable_most_optimizations", True)
     try:
         assert demo.main(["--workdir", str(tmp_path / "runs"), "--configs", str(configs),
-                          "--no-progress"]) == 0
+                          "--noprogress"]) == 0
     finally:
         jax.config.update("jax_disable_most_optimizations", previous)
     printed = capsys.readouterr().out
@@ -151,7 +151,7 @@ def test_demo_ctrl_c_keeps_the_training_done_so_far(tmp_path):
     runs = tmp_path / "runs"
     metrics = runs / "baseline_s0" / "metrics.jsonl"
     code, stderr = interrupt_when(  # once the first training has logged a line
-        DEMO, ["--workdir", runs, "--no-progress"],
+        DEMO, ["--workdir", runs, "--noprogress"],
         ready=lambda: metrics.is_file() and bool(metrics.read_text().strip()), env=ENV)
     assert code == 130, stderr[-3000:]
     assert "interrupted: rerun the same command" in stderr and "Traceback" not in stderr

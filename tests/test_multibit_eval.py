@@ -1,6 +1,6 @@
-"""One model at every bit width (kure_jax.evaluation.nested_sweep): the sliced and re-quantised
-evaluation of a tiny model against NumPy, and multi-bit QAT checkpoints (Any-Precision with
-per-width BatchNorm, Matryoshka) loaded and swept at each trained width."""
+"""One model at every bit width (kure_jax.evaluation.families.nested and .qat): the sliced and
+re-quantised evaluation of a tiny model against NumPy, and multi-bit QAT checkpoints
+(Any-Precision with per-width BatchNorm, Matryoshka) loaded and swept at each trained width."""
 
 import math
 import re
@@ -11,15 +11,11 @@ import numpy as np
 import pytest
 from _training_helpers import load_config
 
-from kure_jax.evaluation import (
-    POINT_KINDS,
-    SweepSpec,
-    SweepTarget,
-    load_checkpoint,
-    plan_sweep,
-    run_sweep,
-)
-from kure_jax.evaluation.nested_sweep import nearest_width, nested_transform
+from kure_jax.evaluation import Sweep, load_checkpoint, run_sweep
+from kure_jax.evaluation.families import FAMILIES
+from kure_jax.evaluation.families.nested import nested_transform
+from kure_jax.evaluation.families.qat import nearest_width
+from kure_jax.evaluation.sweep import Target, plan_sweep
 from kure_jax.training import train_and_evaluate
 from kure_jax.training.build import multibit_widths
 
@@ -100,10 +96,10 @@ def mlp_points():
     # Labels of the float model with 20% replaced: accuracy moves with the weights both ways.
     labels = np_logits(params, images).argmax(axis=1)
     labels = np.where(rng.random(50) < 0.2, rng.integers(0, 10, 50), labels)
-    spec = SweepSpec(layers="kernels", weight_bits=(), wa_pairs=(), step_ratio_bits=(),
-                     qat_bits=(), nested_bits=(8, 4, 3, 2), eval_batch_size=20, plots=False)
-    target = SweepTarget(label="mlp", group="mlp", model=model, variables={"params": params},
-                         dataset=Split(images, labels.astype(np.int32)))
+    spec = Sweep.from_config({"layers": "kernels", "eval_batch_size": 20,
+                              "nested": {"bits": (8, 4, 3, 2)}})
+    target = Target(label="mlp", group="mlp", model=model, variables={"params": params},
+                    dataset=Split(images, labels.astype(np.int32)))
     points = [p for task in plan_sweep(target, spec) for p in task.run()]
     return params, images, labels, points
 
@@ -127,7 +123,7 @@ def test_slice_and_requant_agree_at_the_code_width_and_differ_below(mlp_points):
     by = {(p["kind"], p["weight_bits"]): p for p in points}
     assert by["nested_slice", 8]["loss"] == by["nested_requant", 8]["loss"]
     assert by["nested_slice", 2]["loss"] != by["nested_requant", 2]["loss"]
-    assert {"nested_requant", "nested_slice"} <= set(POINT_KINDS)
+    assert FAMILIES["nested"].kinds == ("nested_requant", "nested_slice")
 
 
 def test_a_sliced_kernel_has_at_most_2_to_the_r_levels_per_channel(mlp_points):
@@ -143,13 +139,13 @@ def test_nearest_width_prefers_the_wider_on_a_tie():
 
 
 def test_nested_spec_validation():
-    assert SweepSpec().nested_bits == ()  # off by default
+    assert Sweep.from_config({"nested": {}}).families["nested"].bits == ()  # off by default
     with pytest.raises(ValueError, match=re.escape("must not exceed 'nested.nest_bits'")):
-        SweepSpec(nested_bits=(8, 4), nested_nest_bits=6)
+        Sweep.from_config({"nested": {"bits": (8, 4), "nest_bits": 6}})
     with pytest.raises(ValueError, match=re.escape("'nested.per_channel' must be True or False")):
-        SweepSpec(nested_per_channel=1)
+        Sweep.from_config({"nested": {"per_channel": 1}})
     with pytest.raises(ValueError, match=re.escape("unknown sweep key 'nested.bit'")):
-        SweepSpec.from_config({"nested": {"bit": (4,)}})
+        Sweep.from_config({"nested": {"bit": (4,)}})
 
 
 # ------------------------------------------------------------- multi-bit QAT checkpoints
@@ -170,9 +166,11 @@ def runs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def sweep(runs, tmp_path_factory):
-    spec = SweepSpec(weight_bits=(4,), weight_quantizers={"max": {}}, wa_pairs=(),
-                     step_ratio_bits=(3,), step_ratio_num=3, qat_bits=(8, 6, 2),
-                     nested_bits=NESTED, eval_batch_size=200, histogram_layers=1)
+    spec = Sweep.from_config({
+        "eval_batch_size": 200, "report": {"histogram_layers": 1}, "fp": {},
+        "weight": {"bits": (4,), "quantizers": {"max": {}}},
+        "step_ratio": {"bits": (3,), "num": 3}, "qat": {"bits": (8, 6, 2)},
+        "nested": {"bits": NESTED}})
     out = tmp_path_factory.mktemp("multibit_eval")
     data = run_sweep([f"{name}={workdir}" for name, (workdir, _) in runs.items()], spec, out,
                      which="latest", progress=False)

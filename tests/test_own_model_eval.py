@@ -15,16 +15,10 @@ import pytest
 from flax import nnx
 
 from kure_jax.data import InMemoryDataset, load_mnist5k
-from kure_jax.evaluation import (
-    SweepSpec,
-    SweepTarget,
-    evaluate_model,
-    load_params,
-    plan_sweep,
-    save_safetensors,
-    validate_results,
-)
-from kure_jax.evaluation.sweep import calibration_images
+from kure_jax.evaluation import Sweep, evaluate_model, validate_results
+from kure_jax.evaluation._types import calibration_images
+from kure_jax.evaluation.factory import load_params, save_safetensors
+from kure_jax.evaluation.sweep import Target, plan_sweep
 
 ROOT = pathlib.Path(__file__).parent.parent
 EXAMPLE = ROOT / "examples" / "my_models.py"
@@ -33,13 +27,15 @@ _spec = importlib.util.spec_from_file_location("my_models_under_test", EXAMPLE)
 my_models = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(my_models)
 
-SPEC = SweepSpec(weight_bits=(4, 2), weight_quantizers={"max": {}, "per_channel": {"axis": -1}},
-                 wa_pairs=((8, 8), (4, 4)), calibration_images=64, step_ratio_bits=(3,),
-                 step_ratio_num=3, eval_batch_size=100, histogram_layers=1, plots=False)
+SPEC = Sweep.from_config({
+    "eval_batch_size": 100, "report": {"histogram_layers": 1, "plots": False}, "fp": {},
+    "weight": {"bits": (4, 2), "quantizers": {"max": {}, "per_channel": {"axis": -1}}},
+    "weight_act": {"pairs": ((8, 8), (4, 4)), "calibration_images": 64},
+    "step_ratio": {"bits": (3,), "num": 3}})
 NUM_TEST = 300
 # eval.py runs: the tiny sweep cut down to a few points of each section.
-CLI_SWEEP = ["--sweep", TINY_SWEEP, "--set", "weight.bits=(4, 2)",
-             "--set", "weight_act.pairs=((8, 8),)", "--set", "step_ratio.num=3", "--no-progress"]
+CLI_SWEEP = ["--sweep", TINY_SWEEP, "--sweep.weight.bits=(4, 2)",
+             "--sweep.weight_act.pairs=((8, 8),)", "--sweep.step_ratio.num=3", "--noprogress"]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -77,7 +73,7 @@ def linen(variables, subset, tmp_path_factory):
     module = my_models.make()
     data = evaluate_model(lambda v, x: module.apply(v, x), variables, pairs(subset), SPEC,
                           out=out, name="linen", progress=False, module=module,
-                          calibration=calibration_images(subset, SPEC))
+                          calibration=calibration_images(subset, 64, 0))
     return data, out
 
 
@@ -122,10 +118,10 @@ def test_linen_model_equals_the_checkpoint_engine(linen, variables, subset):
     assert on_disk == data and data["complete"] and data["skipped"] == []
     (entry,) = data["checkpoints"]
     assert entry["quantized_layers"] == ["params/conv2/kernel", "params/hidden/kernel"]
-    # The checkpoint path's engine: a SweepTarget of the Linen model on a kure_jax Dataset,
+    # The checkpoint path's engine: a Target of the Linen model on a kure_jax Dataset,
     # its layer order from model.init (not the jaxpr), its calibration from train_batches.
-    target = SweepTarget(label="linen", group="linen", model=my_models.make(),
-                         variables=variables, dataset=subset)
+    target = Target(label="linen", group="linen", model=my_models.make(),
+                    variables=variables, dataset=subset)
     reference = [p for task in plan_sweep(target, SPEC) for p in task.run()]
     assert_same_points(data["points"], reference)
     kinds = [p["kind"] for p in data["points"]]
@@ -206,6 +202,11 @@ def test_evaluate_model_input_errors(variables, subset, tmp_path):
         evaluate_model(fn, params, rgb, SPEC, out=tmp_path)
     with pytest.raises(ValueError, match=r"labels \(3,\) do not match"):
         evaluate_model(fn, params, [(batches[0][0], batches[0][1][:3])], SPEC, out=tmp_path)
+    nan_bias = jax.tree.map(np.array, params)
+    nan_bias["conv1"]["bias"][0] = np.nan  # the first layer: every logit would be NaN
+    with pytest.raises(ValueError, match=r"model m: conv1/bias holds 1 NaN of 8 values; "
+                                         "non-finite weights cannot be evaluated"):
+        evaluate_model(fn, nan_bias, batches, SPEC, out=tmp_path, name="m")
     assert not (tmp_path / "results.json").exists()  # all of it before any output
 
 

@@ -1,4 +1,4 @@
-"""The ``runtimes`` family of a sweep (kure_jax.evaluation.runtimes) end to end.
+"""The ``runtimes`` family of a sweep (kure_jax.evaluation.families.runtimes) end to end.
 
 One small CNN with BatchNorm is trained once per module on the shipped digits and swept by
 ``evaluate_model`` with LiteRT and ONNX Runtime schemes. Each runtime point is checked against an
@@ -14,20 +14,22 @@ import time
 
 import optax
 import pytest
-from _training_helpers import ROOT, train_small_cnn
+from _training_helpers import train_small_cnn
 
+from configs.sweeps import default, runtimes, tiny
 from kure_jax.data.mnist5k import load_mnist5k
 from kure_jax.deploy import litert, onnx_runtime
 from kure_jax.deploy.runtime import linen_inference
-from kure_jax.evaluation import SweepSpec, evaluate_model, load_sweep, validate_results
-from kure_jax.evaluation.runtimes import RuntimePackageError
+from kure_jax.evaluation import Sweep, evaluate_model, validate_results
+from kure_jax.evaluation.families.runtimes import RuntimePackageError
 
 SCHEMES = ("litert/int8", "ort/int8_per_tensor_minmax")
 CALIBRATION = 200
 # Few points of the other sections: the runtimes are what is tested.
-BASE = dict(weight_bits=(8,), weight_quantizers={"max": {}}, wa_pairs=((8, 8),),
-            act_clip="max", calibration_images=CALIBRATION, step_ratio_bits=(),
-            eval_batch_size=500, histogram_layers=0, plots=False)
+BASE = {"eval_batch_size": 500, "report": {"histogram_layers": 0, "plots": False}, "fp": {},
+        "weight": {"bits": (8,), "quantizers": {"max": {}}},
+        "weight_act": {"pairs": ((8, 8),), "act_clip": "max",
+                       "calibration_images": CALIBRATION}}
 
 
 @pytest.fixture(scope="module")
@@ -40,9 +42,11 @@ def trained():
             "calib": train.images[:CALIBRATION]}
 
 
-def _sweep(trained, out, schemes, *, module=True, **fields):
+def _sweep(trained, out, schemes, *, module=True, wa_pairs=((8, 8),)):
     model, test = trained["model"], trained["test"]
-    spec = SweepSpec(**{**BASE, **fields}, runtime_schemes=schemes)
+    config = {**BASE, "runtimes": {"schemes": schemes}}
+    config["weight_act"] = {**config["weight_act"], "pairs": wa_pairs}
+    spec = Sweep.from_config(config)
     batches = [(test.images[i:i + 500], test.labels[i:i + 500]) for i in (0, 500)]
     return evaluate_model(lambda v, x: model.apply(v, x, train=False), trained["variables"],
                           batches, spec, out=out, name="cnn", progress=False,
@@ -70,9 +74,9 @@ def test_runtime_points_equal_the_backends_called_directly(trained, swept):
     test = trained["test"]
     fn = linen_inference(trained["model"], trained["variables"])
     direct = {
-        "litert/int8": litert.evaluate(fn, trained["calib"], test.images, test.labels,
+        "litert/int8": litert.measure(fn, trained["calib"], test.images, test.labels,
                                        scheme="int8", batch_size=100),
-        "ort/int8_per_tensor_minmax": onnx_runtime.evaluate(
+        "ort/int8_per_tensor_minmax": onnx_runtime.measure(
             fn, trained["calib"], test.images, test.labels,
             scheme=onnx_runtime.OrtScheme(per_channel=False)),
     }
@@ -158,30 +162,30 @@ def test_a_model_without_its_linen_module_gets_skipped_runtime_records(trained, 
 
 
 def test_the_default_sweeps_have_no_runtimes_and_runtimes_py_turns_them_on():
-    sweeps = ROOT / "configs" / "sweeps"
-    for name in ("default.py", "tiny.py"):
-        assert load_sweep(sweeps / name).runtime_schemes == ()
-    spec = load_sweep(sweeps / "runtimes.py")
-    assert spec.runtime_schemes == (
+    for module in (default, tiny):
+        assert Sweep.from_config(module.get_config()).families["runtimes"].schemes == ()
+    spec = Sweep.from_config(runtimes.get_config())
+    assert spec.families["runtimes"].schemes == (
         "litert/int8", "litert/16x8", "ort/int8_per_tensor_minmax", "ort/int8_per_channel_minmax",
         "ort/int8_per_channel_entropy", "ort/int8_per_channel_percentile",
         "ort/int4_per_tensor_minmax", "ort/int4_per_channel_minmax")
-    assert {(8, 8), (8, 16), (4, 8)} <= set(spec.wa_pairs)  # "ours" beside each column
-    assert SweepSpec.from_config(spec.to_config_dict()) == spec
+    assert {(8, 8), (8, 16), (4, 8)} <= set(spec.families["weight_act"].pairs)  # "ours"
+    assert Sweep.from_config(spec.to_dict()) == spec
 
 
 @pytest.mark.parametrize("override, message", [
-    ("runtimes.schemes=('litert',)", r"'litert' is not '<runtime>/<scheme>'"),
-    ("runtimes.schemes=('tvm/int8',)", r"unknown runtime 'tvm' \(known: litert, ort\)"),
-    ("runtimes.schemes=('litert/int4',)", r"unknown LiteRT scheme 'int4'"),
-    ("runtimes.schemes=('ort/int8_per_layer_minmax',)", r"not a valid ONNX Runtime scheme"),
-    ("runtimes.schemes=('ort/int8_per_channel_mse',)", r"minmax\|entropy\|percentile"),
-    ("runtimes.schemes='litert/int8'", r"must be a tuple of names"),
-    ("runtimes.schemes=('litert/int8', 'litert/int8')", r"lists a name twice"),
-    ("runtimes.litert_batch_size=0", r"'runtimes.litert_batch_size' must be an int >= 1"),
-    ("runtimes.backend='ort'", r"unknown sweep key 'runtimes.backend'; allowed keys of "
-                               r"'runtimes': schemes, litert_batch_size"),
+    ({"schemes": ("litert",)}, r"'litert' is not '<runtime>/<scheme>'"),
+    ({"schemes": ("tvm/int8",)}, r"unknown runtime 'tvm' \(known: litert, ort\)"),
+    ({"schemes": ("litert/int4",)}, r"unknown LiteRT scheme 'int4'"),
+    ({"schemes": ("ort/int8_per_layer_minmax",)}, r"not a valid ONNX Runtime scheme"),
+    ({"schemes": ("ort/int8_per_channel_mse",)}, r"minmax\|entropy\|percentile"),
+    ({"schemes": "litert/int8"}, r"must be a tuple of names"),
+    ({"schemes": ("litert/int8", "litert/int8")}, r"lists a name twice"),
+    ({"litert_batch_size": 0}, r"'runtimes.litert_batch_size' must be an int >= 1"),
+    ({"backend": "ort"}, r"unknown sweep key 'runtimes.backend'; closest: "),
 ])
 def test_bad_runtimes_keys_are_one_value_error_naming_the_key(override, message):
+    config = tiny.get_config().to_dict()
+    config["runtimes"].update(override)
     with pytest.raises(ValueError, match=message):
-        load_sweep(ROOT / "configs" / "sweeps" / "tiny.py", [override])
+        Sweep.from_config(config)

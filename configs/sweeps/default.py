@@ -2,10 +2,12 @@
 
     python eval.py --checkpoint runs/mnist5k_kure --sweep configs/sweeps/default.py --out runs/eval
 
-Override keys with ``--set KEY=VALUE`` (Python literals), e.g. ``--set "weight.bits=(4, 2)"``.
-An unknown key fails at start-up with the allowed keys. A section with an empty tuple of bit
-widths (or pairs) is skipped. Per checkpoint this sweep evaluates about 200 points
-(~1.5 minutes for the mnist5k small CNN on 2 CPU cores).
+Override keys with ``--sweep.KEY=VALUE``, e.g. ``--sweep.weight.bits='(4, 2)'``; an unknown key
+fails at start-up naming the closest keys. Each section below is one family of points
+(kure_jax/evaluation/families/<section>.py documents it); a section that is absent is off, one
+with an empty tuple of bit widths (or pairs) plans nothing. Variants import this file and change
+a few fields (tiny.py, multibit.py, runtimes.py). Per checkpoint this sweep evaluates about 200
+points (~1.5 minutes for the mnist5k small CNN on 2 CPU cores).
 """
 
 import ml_collections
@@ -21,6 +23,9 @@ def get_config() -> ml_collections.ConfigDict:
     # lax.map loop (fastest on CPU, where a vmapped conv over per-point kernels is a slow grouped
     # conv); on a GPU/TPU try 8-16.
     config.map_chunk = 1
+
+    # The float model: one point, the reference of every table (no keys).
+    config.fp = ml_collections.ConfigDict()
 
     # Weight-only PTQ: every named quantizer (kure_jax.QuantPolicy fields but bits) at every bits.
     config.weight = ml_collections.ConfigDict()
@@ -64,7 +69,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     # One model at every width (off here; configs/sweeps/multibit.py turns it on): weight-only
     # asymmetric min-max codes at each width, the float kernels re-quantised and the top bits
-    # of their nest_bits-bit codes (Matryoshka slicing); kure_jax/evaluation/nested_sweep.py.
+    # of their nest_bits-bit codes (Matryoshka slicing).
     config.nested = ml_collections.ConfigDict()
     config.nested.bits = ()
     config.nested.nest_bits = 8
@@ -76,7 +81,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     # Real integer runtimes (off here; configs/sweeps/runtimes.py turns them on): names such as
     # "litert/int8", "litert/16x8", "ort/int8_per_channel_minmax", "ort/int4_per_channel_minmax"
-    # (kure_jax/evaluation/runtime_schemes.py), calibrated on the weight_act images.
+    # (kure_jax/evaluation/families/runtime_schemes.py), calibrated on the weight_act images.
     config.runtimes = ml_collections.ConfigDict()
     config.runtimes.schemes = ()
     config.runtimes.litert_batch_size = 100  # LiteRT models have a fixed batch size

@@ -11,18 +11,15 @@ the other widths (``qat.bits``). About 150 points per checkpoint (~1 minute for 
 small CNN on 2 CPU cores).
 """
 
-import pathlib
-import runpy
-
 import ml_collections
 
-_default = runpy.run_path(str(pathlib.Path(__file__).with_name("default.py")))
+from configs.sweeps import default
 
 BITS = (8, 6, 4, 3, 2)
 
 
 def get_config() -> ml_collections.ConfigDict:
-    config = _default["get_config"]()
+    config = default.get_config()
     config.weight.bits = BITS
     config.weight.quantizers = ml_collections.ConfigDict({
         "max": {},

@@ -5,8 +5,8 @@
 
 Every ``runtimes.schemes`` name converts the float model (BatchNorm statistics included) and runs
 it in the runtime on the test split, calibrated on the ``weight_act`` calibration images
-(kure_jax/evaluation/runtimes.py; the names are described in
-kure_jax/evaluation/runtime_schemes.py). The packages: ``pip install 'kure_jax[runtimes]'``
+(kure_jax/evaluation/families/runtimes.py; the names are described in
+kure_jax/evaluation/families/runtime_schemes.py). The packages: ``pip install 'kure_jax[runtimes]'``
 (tensorflow-cpu, ai-edge-litert, jax2onnx, onnx, onnxruntime); a missing one stops eval.py at
 start-up with its name, a conversion the toolchain refuses is recorded as a failed point.
 
@@ -23,16 +23,13 @@ int4 weights with int8 activations are refused by its ``conv_general_dilated`` (
 act_qtype and weight_qtype"), and it runs in XLA, not in an integer runtime; so no backend here.
 """
 
-import pathlib
-import runpy
-
 import ml_collections
 
-_default = runpy.run_path(str(pathlib.Path(__file__).with_name("default.py")))
+from configs.sweeps import default
 
 
 def get_config() -> ml_collections.ConfigDict:
-    config = _default["get_config"]()
+    config = default.get_config()
     config.weight.bits = (8, 4, 3, 2)
     config.weight_act.pairs = ((8, 16), (8, 8), (4, 8), (4, 4))
     config.weight_act.weight_quantizer = "per_channel"

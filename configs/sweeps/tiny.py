@@ -3,16 +3,13 @@
     python eval.py --checkpoint runs/tiny --sweep configs/sweeps/tiny.py --out runs/eval_tiny
 """
 
-import pathlib
-import runpy
-
 import ml_collections
 
-_default = runpy.run_path(str(pathlib.Path(__file__).with_name("default.py")))
+from configs.sweeps import default
 
 
 def get_config() -> ml_collections.ConfigDict:
-    config = _default["get_config"]()
+    config = default.get_config()
     config.eval_batch_size = 500
     config.weight.bits = (16, 4, 2)
     config.weight.quantizers = ml_collections.ConfigDict({

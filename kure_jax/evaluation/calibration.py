@@ -28,9 +28,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kure_jax import QuantPolicy, compute_step, fake_quant
 from kure_jax.evaluation.parallel import EvalMesh
 from kure_jax.qat.linen import layer_interceptor
+from kure_jax.quant import QuantPolicy, fake_quant
+from kure_jax.quant.policy import compute_step
 
 __all__ = [
     "ActivationCalibration",

@@ -36,14 +36,9 @@ values are cast to the model's dtypes.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import importlib
-import importlib.util
-import os
 import pathlib
-import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -52,18 +47,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from kure_jax.evaluation.forward import ApplyFn, check_apply, inference_kwargs
-from kure_jax.evaluation.parallel import EvalMesh
-from kure_jax.evaluation.runner import AfterTask, evaluate_model
-from kure_jax.evaluation.spec import SweepSpec
-from kure_jax.evaluation.sweep import calibration_images, test_batches
+from kure_jax.evaluation.forward import ApplyFn, inference_kwargs
 
 __all__ = [
     "ModelError",
     "UserModel",
     "check_params",
-    "evaluate_factory",
-    "load_factory",
+    "first_line",
     "load_params",
     "model_from_factory",
     "save_safetensors",
@@ -96,62 +86,10 @@ class UserModel:
     module: nn.Module | None = None
 
 
-def _first_line(err: BaseException, limit: int = 200) -> str:
+def first_line(err: BaseException, limit: int = 200) -> str:
     text = (str(err).strip().splitlines() or [""])[0]
     text = text if len(text) <= limit else text[: limit - 3] + "..."
     return f"{type(err).__name__}: {text}".rstrip(": ")
-
-
-@contextlib.contextmanager
-def _cwd_on_path() -> Iterator[None]:
-    """The current directory first on ``sys.path`` (as ``python -m``), for the import only."""
-    cwd = os.getcwd()
-    sys.path.insert(0, cwd)
-    try:
-        yield
-    finally:
-        with contextlib.suppress(ValueError):
-            sys.path.remove(cwd)
-
-
-def load_factory(ref: str) -> Callable[[], Any]:
-    """Imports ``MODULE:FACTORY`` (``MODULE`` dotted, or a path ending in ``.py``).
-
-    Raises:
-      ModelError: for a malformed reference, a module that cannot be imported (naming it and
-        its import error), or a missing or non-callable attribute (listing what it defines).
-    """
-    module_name, sep, attr = ref.rpartition(":")
-    if not sep or not module_name or not attr.isidentifier():
-        raise ModelError(f"--model {ref!r}: expected MODULE:FACTORY, e.g. my_models:make.")
-    try:
-        if module_name.endswith(".py"):
-            path = pathlib.Path(module_name)
-            if not path.is_file():
-                raise ModelError(f"--model {ref}: no such file {module_name}.")
-            spec = importlib.util.spec_from_file_location(path.stem, path)
-            module = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(module)
-        else:
-            with _cwd_on_path():
-                module = importlib.import_module(module_name)
-    except ModelError:
-        raise
-    except BaseException as err:  # the user's module may raise anything while importing
-        if isinstance(err, KeyboardInterrupt):
-            raise
-        raise ModelError(f"--model {ref}: module {module_name!r} cannot be imported "
-                         f"({_first_line(err)}).") from err
-    factory = getattr(module, attr, None)
-    if factory is None:
-        defined = sorted(k for k, v in vars(module).items()
-                         if callable(v) and not k.startswith("_"))
-        raise ModelError(f"--model {ref}: module {module_name!r} has no attribute {attr!r} "
-                         f"(it defines: {', '.join(defined) or 'nothing callable'}).")
-    if not callable(factory):
-        raise ModelError(f"--model {ref}: {attr!r} is a {type(factory).__name__}, not a "
-                         "callable factory.")
-    return factory
 
 
 def _abstract(tree: PyTree) -> PyTree:
@@ -176,7 +114,7 @@ def model_from_factory(obj: Any, image_shape: Sequence[int]) -> UserModel:
             template = jax.eval_shape(lambda x: obj.init(jax.random.key(0), x, **kwargs), images)
         except Exception as err:  # any error of the user's model while tracing
             raise ModelError(f"the model rejects images of shape {images.shape} (image shape "
-                             f"{tuple(image_shape)}): {_first_line(err)}") from err
+                             f"{tuple(image_shape)}): {first_line(err)}") from err
         template = dict(template)
         return UserModel(kind="linen", module=obj, template=template,
                          apply_fn=lambda v, x: obj.apply(v, x, **kwargs))
@@ -196,7 +134,7 @@ def model_from_factory(obj: Any, image_shape: Sequence[int]) -> UserModel:
             template = _abstract(template)
         except Exception as err:
             raise ModelError(f"the params template is not a pytree of arrays "
-                             f"({_first_line(err)}).") from err
+                             f"({first_line(err)}).") from err
         return UserModel(kind="apply_fn", apply_fn=apply_fn, template=template)
     raise ModelError(f"the factory returned a {type(obj).__name__}; expected a Flax Linen "
                      "module, a Flax NNX module or an (apply_fn, params_template) pair.")
@@ -236,7 +174,7 @@ def _read_flat(path: pathlib.Path) -> dict[str, Any]:
         try:
             return load_file(str(path))
         except Exception as err:  # a damaged or foreign file
-            raise ModelError(f"params {path} cannot be read ({_first_line(err)}).") from err
+            raise ModelError(f"params {path} cannot be read ({first_line(err)}).") from err
     if not path.exists():
         raise ModelError(f"params {path}: no such file or directory.")
     if not path.is_dir():
@@ -254,7 +192,7 @@ def _read_flat(path: pathlib.Path) -> dict[str, Any]:
     try:
         restored = ocp.StandardCheckpointer().restore(directory.absolute())
     except Exception as err:  # Orbax/TensorStore errors of a damaged checkpoint
-        raise ModelError(f"params {path} cannot be restored ({_first_line(err)}).") from err
+        raise ModelError(f"params {path} cannot be restored ({first_line(err)}).") from err
     return _flat(restored)
 
 
@@ -315,76 +253,3 @@ def load_params(path: str | pathlib.Path, template: PyTree) -> PyTree:
     check_params(have, template, source=str(path))
     leaves = [np.asarray(have[k]).astype(t.dtype, copy=False) for k, t in flat_template.items()]
     return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(template), leaves)
-
-
-def evaluate_factory(
-    ref: str,
-    params_path: str | pathlib.Path,
-    dataset: str,
-    spec: SweepSpec,
-    *,
-    out: str | pathlib.Path,
-    name: str | None = None,
-    progress: bool | None = None,
-    after_task: AfterTask | None = None,
-    mesh: EvalMesh | None = None,
-) -> dict[str, Any]:
-    """``eval.py --model REF --params PATH --dataset NAME``: the robustness report of a user's
-    model on a registered dataset, via :func:`~kure_jax.evaluation.evaluate_model`.
-
-    The test split is batched by ``spec.eval_batch_size`` as for checkpoints; a Linen model's
-    W/A points are calibrated on the dataset's training images as for checkpoints, so the
-    same weights give the same points as ``eval.py --checkpoint``.
-
-    Args:
-      ref: ``MODULE:FACTORY`` (module docstring).
-      params_path: an Orbax checkpoint directory or a ``.safetensors`` file.
-      dataset: a ``kure_jax.data.get_dataset`` name, e.g. ``"mnist5k"``.
-      spec: the sweep.
-      out: output directory.
-      name: the model's label (default: ``MODULE:FACTORY`` with the module's last part).
-      progress, after_task, mesh: as in :func:`~kure_jax.evaluation.evaluate_model` (with
-        ``mesh``, the batch is ``spec.eval_batch_size`` rounded up to a multiple of its
-        device count, each process reading its share).
-
-    Returns:
-      The results dict, as written to ``results.json``.
-
-    Raises:
-      ModelError: for a factory that cannot be imported or called, params that do not fit,
-        or images of the dataset that the model rejects.
-      ValueError: for a dataset that is unknown, not on disk or lacks its backend (from
-        ``get_dataset``), or a selection that matches no kernel.
-    """
-    from kure_jax.data import get_dataset
-
-    factory = load_factory(ref)  # before the dataset: a typo fails fast
-    try:
-        data = get_dataset(dataset)
-    except (FileNotFoundError, ImportError) as err:  # not on disk / backend not installed
-        raise ValueError(f"dataset {dataset}: {_first_line(err)}") from err
-    try:
-        obj = factory()
-    except Exception as err:
-        raise ModelError(f"--model {ref}: the factory raised {_first_line(err)}.") from err
-    model = model_from_factory(obj, tuple(data.image_shape))
-    params = load_params(params_path, model.template)
-    try:
-        check_apply(model.apply_fn, params, tuple(data.image_shape), num_classes=data.num_classes)
-    except ValueError as err:
-        raise ModelError(f"--model {ref} on dataset {dataset} ({data.num_classes} classes): "
-                         f"{err}") from err
-    module_part, _, attr = ref.rpartition(":")
-    short = (pathlib.Path(module_part).stem if module_part.endswith(".py")
-             else module_part.rpartition(".")[2])
-    label = name or f"{short}:{attr}"
-    batch_size = spec.eval_batch_size if mesh is None else mesh.global_batch_size(
-        spec.eval_batch_size)
-    return evaluate_model(
-        model.apply_fn, params, test_batches(data, batch_size, mesh), spec,
-        out=out, name=label, progress=progress, module=model.module,
-        calibration=(lambda: calibration_images(data, spec)) if model.module else None,
-        metadata={"path": str(pathlib.Path(params_path).absolute()), "model": ref,
-                  "model_kind": model.kind, "dataset": dataset,
-                  "num_test_images": int(data.num_eval_examples)},
-        after_task=after_task, mesh=mesh)

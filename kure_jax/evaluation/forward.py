@@ -288,13 +288,14 @@ def mapped_eval_step(
 
 
 def ptq_transform(
-    policy: QuantPolicy, *, where: LeafPredicate | None, over: str | None = None
+    policy: QuantPolicy | str | Any, *, where: LeafPredicate | None, over: str | None = None
 ) -> Callable[..., PyTree]:
     """``transform(variables[, x])``: ``variables`` with ``quantize_params`` applied to
     ``variables["params"]``.
 
     Args:
-      policy: the weight quantizer.
+      policy: the weight quantizer: a ``QuantPolicy``, or a data type of
+        :mod:`kure_jax.quant.formats` (a ``Format`` or a preset name such as ``"mxfp4"``).
       where: the leaf selection of ``quantize_params``.
       over: ``None`` (``transform(variables)``; a stochastic policy then uses
         ``jax.random.key(0)``), ``"step_ratio"`` (``x`` scales every step) or ``"key"``
@@ -305,7 +306,8 @@ def ptq_transform(
     """
     if over not in (None, "step_ratio", "key"):
         raise ValueError(f"over must be None, 'step_ratio' or 'key'; got {over!r}.")
-    if over == "step_ratio" and policy.rounding == "stochastic":
+    stochastic = getattr(policy, "rounding", None) == "stochastic"
+    if over == "step_ratio" and stochastic:
         raise ValueError("a step-ratio sweep needs a deterministic rounding; got 'stochastic'.")
 
     def transform(variables: PyTree, x: Any = None) -> PyTree:
@@ -314,7 +316,7 @@ def ptq_transform(
         elif over == "key":
             kwargs = {"key": x}
         else:
-            kwargs = {"key": jax.random.key(0)} if policy.rounding == "stochastic" else {}
+            kwargs = {"key": jax.random.key(0)} if stochastic else {}
         params = quantize_params(variables["params"], policy, where=where, **kwargs)
         return {**variables, "params": params}
 

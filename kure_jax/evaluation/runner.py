@@ -1,4 +1,4 @@
-"""``run_sweep`` and ``evaluate_model``: sweep models under a :class:`SweepSpec`, write the report.
+"""``run_sweep`` and ``evaluate_model``: sweep models under a :class:`Sweep`, write the report.
 
 * :func:`run_sweep` restores checkpoints written by ``train.py`` (this is the one module of
   :mod:`kure_jax.evaluation` that depends on :mod:`kure_jax.training`, and only there).
@@ -25,10 +25,11 @@ import numpy as np
 from kure_jax import QATConfig, kurtosis_report
 from kure_jax._arrays import leaf_shapes, shape_mismatch
 from kure_jax.evaluation import plots, report
+from kure_jax.evaluation._types import Target, Task
 from kure_jax.evaluation.forward import ApplyFn, check_apply
+from kure_jax.evaluation.layers import target_layers
 from kure_jax.evaluation.parallel import EvalMesh
-from kure_jax.evaluation.spec import SweepSpec
-from kure_jax.evaluation.sweep import SweepTarget, Task, plan_sweep, target_layers
+from kure_jax.evaluation.sweep import Sweep, plan_sweep
 from kure_jax.selection import Selection, select
 
 __all__ = [
@@ -56,7 +57,7 @@ class LoadedCheckpoint:
       label: unique name in the results; group: name shared by seeds of one recipe.
       path: the directory given.
       config: its training config; model, variables, dataset, qat, widths: as in
-        ``SweepTarget`` (``widths`` for a multi-bit QAT checkpoint, ``config.qat.bits``).
+        ``Target`` (``widths`` for a multi-bit QAT checkpoint, ``config.qat.bits``).
     """
 
     label: str
@@ -69,9 +70,9 @@ class LoadedCheckpoint:
     qat: QATConfig | None
     widths: Mapping[int, tuple[QATConfig, PyTree]] | None = None
 
-    def target(self) -> SweepTarget:
-        """The :class:`SweepTarget` that :func:`plan_sweep` takes."""
-        return SweepTarget(label=self.label, group=self.group, model=self.model,
+    def target(self) -> Target:
+        """The :class:`Target` that :func:`plan_sweep` takes."""
+        return Target(label=self.label, group=self.group, model=self.model,
                            variables=self.variables, dataset=self.dataset, qat=self.qat,
                            widths=self.widths)
 
@@ -83,6 +84,22 @@ def _first_line(err: BaseException, limit: int = 240) -> str:
     if len(text) > limit:
         text = text[: limit - 3] + "..."
     return f"{type(err).__name__}: {text}".rstrip(": ")
+
+
+def non_finite_problem(tree: PyTree, what: str) -> str | None:
+    """``"<what>: <leaf> holds 2 NaN of 288 values; ..."`` for the first leaf of ``tree`` with
+    a NaN or an infinity, or ``None``: such weights give NaN logits and a meaningless report."""
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+        host = np.asarray(leaf)
+        if not jnp.issubdtype(host.dtype, jnp.inexact):  # bfloat16 too
+            continue
+        nan, inf = int(np.isnan(host).sum()), int(np.isinf(host).sum())
+        if nan or inf:
+            counts = ", ".join(f"{n} {kind}" for n, kind in ((nan, "NaN"), (inf, "inf")) if n)
+            leaf_name = jax.tree_util.keystr(path, simple=True, separator="/")
+            return (f"{what}: {leaf_name} holds {counts} of {host.size} values; non-finite "
+                    "weights cannot be evaluated (a diverged run or a damaged file).")
+    return None
 
 
 def _check_fits(path: str, config: Any, model: Any, variables: dict, image_shape: tuple) -> None:
@@ -125,7 +142,8 @@ def load_checkpoint(
 
     Raises:
       CheckpointError: one line naming the path, for a missing or unreadable checkpoint, an
-        unknown dataset, weights whose shapes do not fit the model its config describes (every
+        unknown dataset, a NaN or infinity in its variables (naming the first such leaf),
+        weights whose shapes do not fit the model its config describes (every
         width's statistics are checked), or per-width statistics without an entry of a width.
     """
     # Deferred: `import kure_jax.evaluation` stays free of Orbax and the data pipelines.
@@ -144,6 +162,9 @@ def load_checkpoint(
     except Exception as err:  # Orbax/JSON/IO errors of a damaged checkpoint all end here.
         message = f"checkpoint {path} cannot be restored ({_first_line(err)})."
         raise CheckpointError(message) from err
+    problem = non_finite_problem(variables, f"checkpoint {path}")
+    if problem is not None:
+        raise CheckpointError(problem)
     datasets = {} if datasets is None else datasets
     # The dataset as the run read it (data_dir, manual_dir, ...): one per name and options.
     options = config.get("dataset_options", {})
@@ -190,21 +211,21 @@ def _unique_labels(loaded: list[LoadedCheckpoint]) -> list[LoadedCheckpoint]:
 
 
 def _layers_entry(
-    target: SweepTarget, spec: SweepSpec
+    target: Target, sweep: Sweep
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """``quantized_layers`` and ``kurtosis`` of a target's results.json entry, and the weights
     of its histogram layers (name -> array)."""
-    where, _ = target_layers(target, spec)
+    where, _ = target_layers(target, sweep.layers)
     params = target.variables["params"]
     chosen = select(params, where)  # names as kure_jax gives them (NNX ".value" dropped)
     kurt = {k: float(v) for k, v in jax.device_get(kurtosis_report(params, where)).items()}
-    weights = {n: np.asarray(leaf) for n, leaf in chosen[: spec.histogram_layers]}
+    weights = {n: np.asarray(leaf) for n, leaf in chosen[: sweep.report.histogram_layers]}
     return {"quantized_layers": [n for n, _ in chosen], "kurtosis": kurt}, weights
 
 
-def _describe(c: LoadedCheckpoint, spec: SweepSpec) -> tuple[dict[str, Any], dict[str, Any]]:
+def _describe(c: LoadedCheckpoint, sweep: Sweep) -> tuple[dict[str, Any], dict[str, Any]]:
     """The checkpoint's results.json entry and the weights of its histogram layers."""
-    layers, weights = _layers_entry(c.target(), spec)
+    layers, weights = _layers_entry(c.target(), sweep)
     entry = {
         "label": c.label, "group": c.group, "path": str(pathlib.Path(c.path).absolute()),
         "model": c.config.model, "model_options": c.config.model_options.to_dict(),
@@ -221,14 +242,14 @@ def _describe(c: LoadedCheckpoint, spec: SweepSpec) -> tuple[dict[str, Any], dic
 class _Prepared:
     """A target ready to sweep: its results.json entry and its histogram weights."""
 
-    target: SweepTarget
+    target: Target
     entry: dict[str, Any]
     weights: dict[str, np.ndarray]
 
 
 def _run_prepared(
     prepared: Sequence[_Prepared],
-    spec: SweepSpec,
+    sweep: Sweep,
     out_dir: str | pathlib.Path,
     *,
     progress: bool | None,
@@ -243,10 +264,10 @@ def _run_prepared(
     out = pathlib.Path(out_dir)
     chief = jax.process_index() == 0
     devices = 1 if mesh is None else mesh.num_devices
-    writer = report.ResultsWriter(out, sweep=spec.to_config_dict(),
+    writer = report.ResultsWriter(out, sweep=sweep.to_dict(),
                                   checkpoints=[p.entry for p in prepared], write=chief,
                                   devices=devices)
-    plans = [(p, plan_sweep(p.target, spec, mesh=mesh)) for p in prepared]
+    plans = [(p, plan_sweep(p.target, sweep, mesh=mesh)) for p in prepared]
     skipped = [t.skipped for _, tasks in plans for t in tasks if t.skipped is not None]
     if skipped:  # known before any evaluation: an interrupted run's file lists them too
         writer.skip(skipped)
@@ -292,7 +313,7 @@ def _run_prepared(
                 if p.target.group not in seen:
                     seen.add(p.target.group)
                     weights[p.target.label] = p.weights
-            write_outputs(data, out, weights=weights, with_plots=spec.plots)
+            write_outputs(data, out, weights=weights, with_plots=sweep.report.plots)
         elif chief:
             write_outputs(data, out, weights={}, with_plots=False)
     return data
@@ -300,7 +321,7 @@ def _run_prepared(
 
 def run_sweep(
     checkpoints: Sequence[str],
-    spec: SweepSpec,
+    sweep: Sweep,
     out_dir: str | pathlib.Path,
     *,
     which: str = "best",
@@ -308,7 +329,7 @@ def run_sweep(
     after_task: AfterTask | None = None,
     mesh: EvalMesh | None = None,
 ) -> dict[str, Any]:
-    """Evaluates every checkpoint under ``spec`` and writes the results into ``out_dir``.
+    """Evaluates every checkpoint under ``sweep`` and writes the results into ``out_dir``.
 
     Every checkpoint is restored and checked before the first evaluation, so a bad path fails
     in seconds. ``results.json`` is rewritten after each task (see
@@ -319,7 +340,7 @@ def run_sweep(
     Args:
       checkpoints: ``[NAME=]PATH`` strings (see :func:`load_checkpoint`); checkpoints of
         different model configs may be mixed, each runs with its own model and dataset.
-      spec: the sweep.
+      sweep: the sweep (:meth:`~kure_jax.evaluation.Sweep.from_config`).
       out_dir: output directory: ``results.json``, ``results.csv``, ``report.md``, ``*.png``.
       which: ``"best"`` or ``"latest"`` checkpoint of a workdir.
       progress: show a tqdm progress bar (``None``: only when stderr is a terminal).
@@ -342,13 +363,13 @@ def run_sweep(
     datasets: dict[str, Any] = {}
     loaded = _unique_labels([load_checkpoint(c, which=which, datasets=datasets)
                              for c in checkpoints])
-    prepared = [_Prepared(c.target(), *_describe(c, spec)) for c in loaded]
-    return _run_prepared(prepared, spec, out_dir, progress=progress, after_task=after_task,
+    prepared = [_Prepared(c.target(), *_describe(c, sweep)) for c in loaded]
+    return _run_prepared(prepared, sweep, out_dir, progress=progress, after_task=after_task,
                          mesh=mesh)
 
 
 class _UserBatches:
-    """The test split of :func:`evaluate_model` as the ``dataset`` of a :class:`SweepTarget`:
+    """The test split of :func:`evaluate_model` as the ``dataset`` of a :class:`Target`:
     ``eval_batches`` yields the user's batches (their own batch size) as dicts with a mask."""
 
     def __init__(self, batches: Any, image_shape: tuple[int, ...]) -> None:
@@ -390,7 +411,7 @@ def evaluate_model(
     apply_fn: ApplyFn,
     params: PyTree,
     batches: Iterable[Any] | Callable[[], Iterable[Any]],
-    spec: SweepSpec,
+    sweep: Sweep,
     *,
     out: str | pathlib.Path,
     name: str = "model",
@@ -403,7 +424,7 @@ def evaluate_model(
     after_task: AfterTask | None = None,
     mesh: EvalMesh | None = None,
 ) -> dict[str, Any]:
-    """The robustness report of any model: ``spec``'s sweep of ``apply_fn`` at ``params``.
+    """The robustness report of any model: ``sweep`` of ``apply_fn`` at ``params``.
 
     Writes ``results.json``, ``results.csv``, ``report.md`` and the PNG plots into ``out``
     as :func:`run_sweep` does for checkpoints (the same loop), with one entry labelled
@@ -420,7 +441,7 @@ def evaluate_model(
         ``lambda v, x: model.apply(v, x, train=False)`` (Linen), an ``nnx.merge`` of a
         split NNX model, or plain JAX.
       params: the pytree of arrays ``apply_fn`` takes. Weight PTQ acts on its rank >= 2
-        leaves named ``kernel`` (``spec.layers="kernels"``), by default less the first
+        leaves named ``kernel`` (``sweep.layers="kernels"``), by default less the first
         layer and the last dense one (``"paper"``; the layer order is read from the jaxpr of
         ``apply_fn``); ``where`` overrides this selection.
       batches: the test split: ``(images, labels)`` pairs of NumPy arrays (images float32
@@ -428,15 +449,15 @@ def evaluate_model(
         optionally ``"mask"`` (0 on padding rows). Every point reads it once more, so give
         a re-iterable (a list, or an object whose ``__iter__`` starts over) or a
         zero-argument function returning a fresh iterator; a one-shot iterator is rejected.
-        Batches are used as given (``spec.eval_batch_size`` does not apply).
-      spec: the sweep (:func:`~kure_jax.evaluation.load_sweep`).
+        Batches are used as given (``sweep.eval_batch_size`` does not apply).
+      sweep: the sweep (:meth:`~kure_jax.evaluation.Sweep.from_config`).
       out: the output directory (created).
       name: the model's label (and group, unless ``group`` is given) in the results.
       progress: show a tqdm progress bar (``None``: only when stderr is a terminal).
       module: the Linen module that ``apply_fn`` applies: enables the W/A points.
       calibration: W/A calibration images ``(N, *image_shape)`` (training images, say; at
-        most ``spec.calibration_images`` are used), or a function returning them.
-      where: the weight selection (any ``kure_jax`` ``where=``), overriding ``spec.layers``.
+        most ``weight_act.calibration_images`` are used), or a function returning them.
+      where: the weight selection (any ``kure_jax`` ``where=``), overriding ``sweep.layers``.
       group: group name (models sharing one are averaged in the report).
       metadata: extra JSON-ready fields of the model's results.json entry (``"path"``,
         ``"model"``, ``"dataset"``, ...).
@@ -448,7 +469,8 @@ def evaluate_model(
       The results dict, as written to ``results.json``.
 
     Raises:
-      ValueError: for a one-shot iterator, an empty or malformed first batch, images the
+      ValueError: for a one-shot iterator, an empty or malformed first batch, params holding
+        a NaN or an infinity (naming the first such leaf), images the
         model rejects or outputs that are not ``(B, C)`` logits (naming the shapes), or a
         selection that matches no kernel.
     """
@@ -460,18 +482,21 @@ def evaluate_model(
     if first is None:
         raise ValueError("batches yielded no batch.")
     image_shape = tuple(_as_batch(first, 0)["image"].shape[1:])
+    problem = non_finite_problem(params, f"model {name}")
+    if problem is not None:
+        raise ValueError(problem)
     variables = {"params": params}
     # PTQ quantises variables["params"]: here the user's whole pytree.
     apply = lambda v, images: apply_fn(v["params"], images)
     check_apply(apply, variables, image_shape)
-    target = SweepTarget(label=name, group=group or name, model=module, variables=variables,
+    target = Target(label=name, group=group or name, model=module, variables=variables,
                          dataset=_UserBatches(batches, image_shape), apply_fn=apply,
                          where=where, calibration=calibration)
-    layers, weights = _layers_entry(target, spec)
+    layers, weights = _layers_entry(target, sweep)
     entry = {"label": name, "group": target.group, "path": None, "model": None,
              "model_kind": "linen" if module is not None else "apply_fn", "qat": None,
              **dict(metadata or {}), **layers}
-    return _run_prepared([_Prepared(target, entry, weights)], spec, out, progress=progress,
+    return _run_prepared([_Prepared(target, entry, weights)], sweep, out, progress=progress,
                          after_task=after_task, mesh=mesh)
 
 

@@ -11,7 +11,7 @@ A name is ``"<runtime>/<scheme>"``:
   e.g. ``"ort/int8_per_channel_entropy"``, ``"ort/int4_per_channel_minmax"``.
 
 This module imports neither TensorFlow nor ONNX: the spec validates names at start-up, and
-:mod:`kure_jax.evaluation.runtimes` runs them.
+:mod:`kure_jax.evaluation.families.runtimes` runs them.
 """
 
 from __future__ import annotations
@@ -22,11 +22,9 @@ import importlib.util
 from kure_jax.deploy import litert
 from kure_jax.deploy.onnx_runtime import CALIBRATIONS, OrtScheme
 
-__all__ = ["FAILED", "KIND", "PACKAGES", "RUNTIMES", "RuntimeScheme", "example_names",
+__all__ = ["PACKAGES", "RUNTIMES", "RuntimeScheme", "example_names",
            "missing_packages", "parse_scheme"]
 
-KIND = "runtime"  # the points' kind
-FAILED = "failed"  # the "status" of a results.json "skipped" record the toolchain refused
 RUNTIMES: tuple[str, ...] = ("litert", "ort")
 # runtime -> (import name, pip package) of everything its backend needs.
 PACKAGES: dict[str, tuple[tuple[str, str], ...]] = {

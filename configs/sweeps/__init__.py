@@ -1,0 +1,1 @@
+"""Sweep configs of eval.py (``--sweep configs/sweeps/<name>.py``); variants import default."""
