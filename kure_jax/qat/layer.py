@@ -8,7 +8,6 @@ variables).
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from typing import Protocol
 
@@ -120,8 +119,7 @@ def _dynamic_max_quant(x: jax.Array, bits: int) -> jax.Array:
 def input_format(name: str) -> formats.Format:
     """The data type ``name`` as QAT applies it to layer inputs: blocks along the last
     (features) axis, the reduction axis of Dense and NHWC conv inputs; others unchanged."""
-    fmt = formats.get_format(name)
-    return dataclasses.replace(fmt, axis=-1) if fmt.granularity == "block" else fmt
+    return formats.activation_format(name)
 
 
 def input_signedness(name: str, layer: str, x: jax.Array) -> bool:

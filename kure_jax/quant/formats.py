@@ -297,6 +297,24 @@ def fake_quant_format(
     return _fake_quant_jit(x, fmt, amax)
 
 
+def activation_format(fmt: str | Format) -> Format:
+    """``fmt`` as applied to activations ``(..., features)``: blocks along the last axis (the
+    reduction axis of Dense and NHWC conv inputs); per-tensor and per-channel formats as they are.
+
+    For weight + activation points: ``fake_quant_format(x, activation_format("mxfp8_e4m3"))``
+    (block scales from ``x`` on the fly, as MX hardware does), or
+    ``fake_quant_format(x, "fp8_e4m3", amax=calibrated_amax)`` for a calibrated per-tensor scale.
+
+    Raises:
+      ValueError: for an unknown format.
+
+    >>> activation_format("mxfp4").axis
+    -1
+    """
+    fmt = get_format(fmt)
+    return dataclasses.replace(fmt, axis=-1) if fmt.granularity == "block" else fmt
+
+
 def block_axis(fmt: Format, ndim: int) -> int:
     """The non-negative block axis of ``fmt`` for a rank-``ndim`` tensor.
 
