@@ -182,3 +182,48 @@ def test_step_ratio_grid_is_shared_with_qat():
     np.testing.assert_allclose(step_ratio.grid_of(sweep.families), [0.5, 1.0, 1.5])
 
 
+# ----------------------------------------------------------------- the formats family
+
+
+def test_formats_points_equal_a_numpy_forward_pass_of_the_quantised_kernels(tmp_path):
+    """Each ``formats.names`` preset: the kernels in that data type (kure_jax.quant.formats,
+    tested against ml_dtypes casts in its own tests), the rest of the model float; accuracy and
+    loss equal a NumPy forward pass of those kernels."""
+    from kure_jax.quant.formats import fake_quant_format
+
+    rng = np.random.default_rng(0)
+    params = {"hidden": {"kernel": rng.normal(size=(64, 32)).astype(np.float32),
+                         "bias": rng.normal(size=32).astype(np.float32) * 0.1},
+              "head": {"kernel": rng.normal(size=(32, 10)).astype(np.float32) * 0.3,
+                       "bias": np.zeros(10, np.float32)}}
+    images = rng.normal(size=(40, 64)).astype(np.float32)
+
+    def np_logits(p):
+        p = jax.tree.map(lambda a: np.asarray(a, np.float64), p)
+        h = np.maximum(images @ p["hidden"]["kernel"] + p["hidden"]["bias"], 0)
+        return h @ p["head"]["kernel"] + p["head"]["bias"]
+
+    labels = np_logits(params).argmax(1)
+    labels[::4] = rng.integers(0, 10, 10)  # some wrong: accuracy can move both ways
+    apply_fn = lambda p, x: jax.nn.relu(x @ p["hidden"]["kernel"] + p["hidden"]["bias"]) @ p[
+        "head"]["kernel"] + p["head"]["bias"]
+    names = ("fp8_e4m3", "mxfp4", "nvfp4", "int4_block32")
+    sweep = Sweep.from_config({"layers": "kernels", "formats": {"names": names}})
+    data = evaluate_model(apply_fn, params, [(images, labels)], sweep, out=tmp_path,
+                          progress=False)
+    assert [(p["kind"], p["quantizer"]) for p in data["points"]] == [("format", n)
+                                                                     for n in names]
+    for point in data["points"]:
+        quantized = {layer: {"kernel": np.asarray(fake_quant_format(v["kernel"],
+                                                                    point["quantizer"])),
+                             "bias": v["bias"]} for layer, v in params.items()}
+        logits = np_logits(quantized)
+        shifted = logits - logits.max(1, keepdims=True)
+        loss = -np.mean(shifted[np.arange(40), labels] - np.log(np.exp(shifted).sum(1)))
+        assert point["accuracy"] == np.mean(logits.argmax(1) == labels), point["quantizer"]
+        assert point["loss"] == pytest.approx(loss, rel=1e-5)
+    assert {p["quantizer"]: p["weight_bits"] for p in data["points"]} == {
+        "fp8_e4m3": 8, "mxfp4": 4, "nvfp4": 4, "int4_block32": 4}
+    assert "### Weight-only data types" in (tmp_path / "report.md").read_text()
+    with pytest.raises(ValueError, match=r"'formats\.names': 'fp7' is not a format"):
+        Sweep.from_config({"formats": {"names": ("fp7",)}})

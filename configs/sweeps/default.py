@@ -75,6 +75,11 @@ def get_config() -> ml_collections.ConfigDict:
     config.nested.nest_bits = 8
     config.nested.per_channel = True  # one range per output channel, as "matryoshka" QAT
 
+    # Accelerator data types, weight-only (off here): presets of kure_jax.quant.formats such as
+    # "fp8_e4m3", "mxfp8_e4m3", "mxfp6_e3m2", "mxfp4", "nvfp4", "int4_block32", "nf4".
+    config.formats = ml_collections.ConfigDict()
+    config.formats.names = ()
+
     config.report = ml_collections.ConfigDict()
     config.report.histogram_layers = 3  # weight histograms of the first N quantised layers
     config.report.plots = True

@@ -9,12 +9,21 @@ kind of point is one new module plus its entry below (and its section in
 """
 
 from kure_jax.evaluation._types import Family
-from kure_jax.evaluation.families import fp, nested, qat, runtimes, step_ratio, weight, weight_act
+from kure_jax.evaluation.families import (
+    formats,
+    fp,
+    nested,
+    qat,
+    runtimes,
+    step_ratio,
+    weight,
+    weight_act,
+)
 
 __all__ = ["FAMILIES"]
 
 FAMILIES: dict[str, Family] = {
     family.name: family
     for family in (fp.FAMILY, weight.FAMILY, weight_act.FAMILY, step_ratio.FAMILY, qat.FAMILY,
-                   nested.FAMILY, runtimes.FAMILY)
+                   nested.FAMILY, formats.FAMILY, runtimes.FAMILY)
 }
