@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import pathlib
-import signal
 import time
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
@@ -16,7 +15,7 @@ from absl import logging
 
 from kure_jax import kurtosis_report
 from kure_jax._distributed import all_processes
-from kure_jax._interrupts import StopSignals, interrupts_deferred, signal_name
+from kure_jax._interrupts import interrupts_deferred, signal_name
 from kure_jax.data import Dataset, get_dataset
 from kure_jax.training.build import build_model, qat_config, step_config
 from kure_jax.training.checkpoint import CheckpointError, Checkpoints, restore_for_eval
@@ -26,6 +25,7 @@ from kure_jax.training.metrics import MetricsWriter, Progress, format_metrics, m
 from kure_jax.training.multibit import per_width_batch_stats
 from kure_jax.training.optim import make_optimizer, make_schedule
 from kure_jax.training.parallel import Parallel, make_parallel
+from kure_jax.training.preemption import RunStopped, stop_signal, stop_signals
 from kure_jax.training.resume import ConfigChangedError, config_changes
 from kure_jax.training.state import TrainState, create_train_state, state_from_tree, state_to_tree
 from kure_jax.training.step import StepConfig, make_state_eval_step, make_train_step
@@ -55,24 +55,6 @@ class _StartupFileNotFoundError(StartupError, FileNotFoundError):
 def _startup_error(err: Exception, context: str = "") -> StartupError:
     kind = _StartupFileNotFoundError if isinstance(err, FileNotFoundError) else _StartupValueError
     return kind(f"{context}{err}")
-
-
-class RunStopped(KeyboardInterrupt):
-    """SIGTERM or SIGINT stopped the run after a step, whose checkpoint was saved and waited for.
-
-    A ``KeyboardInterrupt``, so code that stops on Ctrl-C stops on it; rerunning resumes from
-    :attr:`step` exactly as if uninterrupted.
-
-    Attributes:
-      signum: the signal (``signal.SIGTERM`` also on the processes of a multi-process run that
-        stopped because another one was signalled).
-      step: the last step trained, saved as a checkpoint.
-    """
-
-    def __init__(self, signum: int, step: int) -> None:
-        self.signum = signum
-        self.step = step
-        super().__init__(f"stopped by {signal_name(signum)} after step {step}")
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -195,34 +177,6 @@ def _save_on_interrupt(step, state, unchecked, parallel, save, is_chief) -> None
         logging.warning("Interrupted after step %d: %s.", step,
                         f"not saved ({reason}); the latest checkpoint stands" if reason
                         else "saved a checkpoint; rerun the same command to resume")
-
-
-def _stop_signals() -> StopSignals | None:
-    """How this process hears SIGTERM/SIGINT: ``None`` where it cannot stop in agreement.
-
-    One process: Python handlers. Several: JAX's preemption service (started by
-    ``jax.distributed.initialize``) owns SIGTERM and agrees on the stop step across processes;
-    SIGINT is forwarded to it. Without that service the signals keep their default effect.
-    """
-    if jax.process_count() == 1:
-        return StopSignals()
-    # Not probed with a call: the sync point must be asked with the loop's steps only.
-    if not jax.config.jax_enable_preemption_service:
-        return None
-    return StopSignals(sigterm=False, forward_sigint_to_sigterm=True)
-
-
-def _stop_signal(signals: StopSignals | None, step: int) -> int | None:
-    """The signal to stop on after ``step`` (the same step on every process), or None."""
-    if signals is None:
-        return None
-    if jax.process_count() == 1:
-        return signals.signum
-    from jax.experimental import multihost_utils
-
-    if multihost_utils.reached_preemption_sync_point(step):
-        return signals.signum or signal.SIGTERM
-    return None
 
 
 def _config_check(config_json: dict[str, Any], allow: bool, is_chief: bool) -> Callable:
@@ -436,7 +390,7 @@ def _run(
     window_start, paused = time.perf_counter(), 0.0  # paused: eval/checkpoint time in window
     eval_metrics: dict[str, Any] = {}
     done_step = start_step  # the step that `state` holds
-    signals = _stop_signals()
+    signals = stop_signals()
     handlers = contextlib.ExitStack()  # SIGTERM/SIGINT handlers, for the loop only
     if signals is not None:
         handlers.enter_context(signals)
@@ -449,7 +403,7 @@ def _run(
                 unchecked.append((step, metrics))  # checked before any save, also on Ctrl-C
             progress.update()
             checkpoints.check()  # a background save that failed stops the run here
-            stop = _stop_signal(signals, step)
+            stop = stop_signal(signals, step)
             is_eval = step % eval_every == 0 or step == num_steps
             is_ckpt = step % ckpt_every == 0 or step == end_step or stop is not None
             if not (step % log_every == 0 or is_eval or is_ckpt):
