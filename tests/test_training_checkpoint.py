@@ -23,7 +23,8 @@ from kure_jax.training._orbax_noise import drop_closed_loop_callbacks
 
 NUM_STEPS = 6
 
-pytestmark = pytest.mark.usefixtures("persistent_compilation_cache")
+# Compile time dominates these tiny runs, and every state compared comes from the same setting.
+pytestmark = pytest.mark.usefixtures("persistent_compilation_cache", "fast_compiles")
 
 
 def tiny_config(**overrides):

@@ -15,7 +15,9 @@ from kure_jax.training import restore_for_eval, train_and_evaluate
 from kure_jax.training.loop import StartupError
 
 # Every test uses the module fixture's trained source run.
-pytestmark = [pytest.mark.usefixtures("persistent_compilation_cache"), pytest.mark.slow]
+# Compile time dominates these tiny runs, and every state compared comes from the same setting.
+pytestmark = [pytest.mark.usefixtures("persistent_compilation_cache", "fast_compiles"),
+              pytest.mark.slow]
 
 
 def _config(**overrides):
