@@ -362,8 +362,8 @@ def test_cli_rejects_misspelt_fields(tmp_path):
 @pytest.mark.slow
 def test_cli_trains_and_writes_metrics(tmp_path, persistent_compilation_cache):
     config = f"{ROOT / 'configs' / 'mnist5k_kure.py'}:tiny"
-    # The tiny config; a CLI run on the same worker before this one has left its programs in
-    # the cache (the in-process checkpoint tests compile without XLA optimisations).
+    # The tiny config, its programs kept in the worker's compilation cache (the in-process
+    # checkpoint tests compile without XLA optimisations: theirs are other programs).
     result = run_cli(
         f"--config={config}", "--config.log_every_steps=3", cwd=tmp_path,
         cache=persistent_compilation_cache,
