@@ -57,6 +57,9 @@ def test_cli_end_to_end(workdir, tmp_path):
     labels = [c["label"] for c in data["checkpoints"]]
     assert labels == [workdir.name, f"{workdir.name}#2"]  # the same run twice: unique labels
     assert [c["group"] for c in data["checkpoints"]] == ["a", "b"]
+    best = sorted(int(p.name) for p in (workdir / "best").iterdir() if p.name.isdigit())
+    for entry in data["checkpoints"]:  # what was evaluated, and how it was chosen
+        assert entry["which"] == "best" and entry["step"] in best and entry["skipped_steps"] == []
     by_ckpt = {}
     for p in data["points"]:
         by_ckpt.setdefault(p["checkpoint"], []).append(p["accuracy"])
@@ -235,18 +238,18 @@ def test_out_problems_stop_before_any_checkpoint_is_restored(workdir, tmp_path, 
 @pytest.mark.parametrize("value, what", [(np.nan, "1 NaN"), (np.inf, "1 inf")])
 def test_non_finite_weights_are_refused_naming_the_leaf(workdir, tmp_path, capsys, monkeypatch,
                                                         value, what):
-    import kure_jax.training
+    from kure_jax.training import checkpoint
 
-    restore = kure_jax.training.restore_for_eval
+    restore = checkpoint.load_checkpoint
 
     def damaged(path, *, which):
-        config, model, variables = restore(path, which=which)
-        params = jax.tree.map(np.asarray, variables["params"])
+        restored = restore(path, which=which)
+        params = jax.tree.map(np.asarray, restored.variables["params"])
         params["head"]["bias"] = params["head"]["bias"].copy()
         params["head"]["bias"][3] = value
-        return config, model, {**variables, "params": params}
+        return restored._replace(variables={**restored.variables, "params": params})
 
-    monkeypatch.setattr(kure_jax.training, "restore_for_eval", damaged)
+    monkeypatch.setattr(checkpoint, "load_checkpoint", damaged)
     eval_main = runpy.run_path(str(ROOT / "eval.py"))["main"]
     code = eval_main(["--checkpoint", str(workdir), "--sweep", TINY_SWEEP,
                       "--out", str(tmp_path / "out")])
@@ -255,3 +258,26 @@ def test_non_finite_weights_are_refused_naming_the_leaf(workdir, tmp_path, capsy
     assert lines[0].startswith(f"error: checkpoint {workdir}: params/head/bias holds {what} of "
                                "10 values; non-finite weights cannot be evaluated"), lines[0]
     assert not (tmp_path / "out" / "results.json").exists()
+
+
+@pytest.mark.slow
+def test_a_damaged_latest_step_falls_back_and_is_recorded(workdir, tmp_path):
+    """--which latest on a workdir whose newest step has a truncated array file: the step
+    before it is evaluated, and results.json says which step and why the newer one was not."""
+    damaged = tmp_path / "w"
+    shutil.copytree(workdir, damaged)
+    steps = sorted(int(p.name) for p in (damaged / "checkpoints").iterdir() if p.name.isdigit())
+    if len(steps) < 2:
+        pytest.skip("the tiny run keeps a single step")
+    for data_file in (damaged / "checkpoints" / str(steps[-1])).glob("state/**/d/*"):
+        data_file.write_bytes(data_file.read_bytes()[:7])
+    out = tmp_path / "out"
+    result = run_eval("--checkpoint", damaged, "--which", "latest", "--sweep", TINY_SWEEP,
+                      "--sweep.weight_act.pairs=()", "--sweep.step_ratio.bits=()",
+                      "--sweep.weight.bits=(4,)", "--out", out)
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    (entry,) = json.loads((out / "results.json").read_text())["checkpoints"]
+    assert entry["which"] == "latest" and entry["step"] == steps[-2]
+    (skipped,) = entry["skipped_steps"]
+    assert skipped["path"].endswith(f"checkpoints/{steps[-1]}") and skipped["reason"]

@@ -7,9 +7,9 @@ by :meth:`Sweep.from_config`; :func:`run_sweep` evaluates train.py checkpoints u
 
 Modules:
 
-* :mod:`~kure_jax.evaluation.families`: one module per kind of point (``fp``, ``weight``,
-  ``weight_act``, ``step_ratio``, ``qat``, ``nested``, ``runtimes``), each owning its config
-  section, its planning and its tables and plots; the registry ``FAMILIES``.
+* :mod:`~kure_jax.evaluation.families`: one module per kind of point (float, weight-only and
+  weight+activation PTQ, step ratios, QAT, nested widths, data types, real runtimes), each
+  owning its config section, its planning and its tables and plots; the registry ``FAMILIES``.
 * :mod:`~kure_jax.evaluation.sweep`: :class:`Sweep` and ``plan_sweep`` (loops over the
   families of a sweep); :mod:`~kure_jax.evaluation.layers`: the sweep's layer rule for a model.
 * :mod:`~kure_jax.evaluation.forward`: quantised forward passes and their accuracy

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kure_jax import QATConfig, kurtosis_report
-from kure_jax._arrays import leaf_shapes, shape_mismatch
+from kure_jax._arrays import first_non_finite, leaf_shapes, shape_mismatch
 from kure_jax.evaluation import plots, report
 from kure_jax.evaluation._types import Target, Task
 from kure_jax.evaluation.forward import ApplyFn, check_apply
@@ -58,6 +58,8 @@ class LoadedCheckpoint:
       path: the directory given.
       config: its training config; model, variables, dataset, qat, widths: as in
         ``Target`` (``widths`` for a multi-bit QAT checkpoint, ``config.qat.bits``).
+      step: the training step restored; which: ``"best"`` or ``"latest"``, how it was chosen;
+      skipped: ``(step directory, reason)`` of each newer step that did not restore.
     """
 
     label: str
@@ -69,6 +71,9 @@ class LoadedCheckpoint:
     dataset: Any
     qat: QATConfig | None
     widths: Mapping[int, tuple[QATConfig, PyTree]] | None = None
+    step: int | None = None
+    which: str | None = None
+    skipped: tuple[tuple[str, str], ...] = ()
 
     def target(self) -> Target:
         """The :class:`Target` that :func:`plan_sweep` takes."""
@@ -89,17 +94,11 @@ def _first_line(err: BaseException, limit: int = 240) -> str:
 def non_finite_problem(tree: PyTree, what: str) -> str | None:
     """``"<what>: <leaf> holds 2 NaN of 288 values; ..."`` for the first leaf of ``tree`` with
     a NaN or an infinity, or ``None``: such weights give NaN logits and a meaningless report."""
-    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
-        host = np.asarray(leaf)
-        if not jnp.issubdtype(host.dtype, jnp.inexact):  # bfloat16 too
-            continue
-        nan, inf = int(np.isnan(host).sum()), int(np.isinf(host).sum())
-        if nan or inf:
-            counts = ", ".join(f"{n} {kind}" for n, kind in ((nan, "NaN"), (inf, "inf")) if n)
-            leaf_name = jax.tree_util.keystr(path, simple=True, separator="/")
-            return (f"{what}: {leaf_name} holds {counts} of {host.size} values; non-finite "
-                    "weights cannot be evaluated (a diverged run or a damaged file).")
-    return None
+    found = first_non_finite(tree)
+    if found is None:
+        return None
+    return (f"{what}: {found[0]} holds {found[1]}; non-finite weights cannot be evaluated (a "
+            "diverged run or a damaged file).")
 
 
 def _check_fits(path: str, config: Any, model: Any, variables: dict, image_shape: tuple) -> None:
@@ -132,7 +131,8 @@ def load_checkpoint(
       spec: a checkpoint path (workdir, ``checkpoints/``/``best/`` directory or step directory),
         optionally prefixed by a group name: ``kure=runs/kure_s0``. The label is the path's last
         component; the group is NAME or the label.
-      which: ``"best"`` or ``"latest"`` (see ``restore_for_eval``).
+      which: ``"best"`` or ``"latest"`` (see ``kure_jax.training.checkpoint.load_checkpoint``:
+        a damaged newer step is skipped, and listed in the entry's ``skipped_steps``).
       datasets: cache of ``get_dataset`` results by name and ``config.dataset_options``,
         shared between checkpoints.
 
@@ -148,8 +148,9 @@ def load_checkpoint(
     """
     # Deferred: `import kure_jax.evaluation` stays free of Orbax and the data pipelines.
     from kure_jax.data import get_dataset
-    from kure_jax.training import qat_config, restore_for_eval
+    from kure_jax.training import qat_config
     from kure_jax.training.build import multibit_widths
+    from kure_jax.training.checkpoint import load_checkpoint as restore_checkpoint
 
     name, sep, path = spec.partition("=")
     if not sep or "/" in name or not name:
@@ -158,10 +159,11 @@ def load_checkpoint(
     if not directory.exists():
         raise CheckpointError(f"checkpoint {path}: no such file or directory.")
     try:
-        config, model, variables = restore_for_eval(directory, which=which)
+        restored = restore_checkpoint(directory, which=which)
     except Exception as err:  # Orbax/JSON/IO errors of a damaged checkpoint all end here.
         message = f"checkpoint {path} cannot be restored ({_first_line(err)})."
         raise CheckpointError(message) from err
+    config, model, variables = restored.config, restored.model, restored.variables
     problem = non_finite_problem(variables, f"checkpoint {path}")
     if problem is not None:
         raise CheckpointError(problem)
@@ -196,7 +198,8 @@ def load_checkpoint(
     label = directory.absolute().name
     return LoadedCheckpoint(label=label, group=name or label, path=str(path), config=config,
                             model=model, variables=variables, dataset=dataset, qat=qat,
-                            widths=widths)
+                            widths=widths, step=int(restored.step), which=which,
+                            skipped=tuple((str(d), why) for d, why in restored.skipped))
 
 
 def _unique_labels(loaded: list[LoadedCheckpoint]) -> list[LoadedCheckpoint]:
@@ -233,6 +236,8 @@ def _describe(c: LoadedCheckpoint, sweep: Sweep) -> tuple[dict[str, Any], dict[s
         "kure_lambda": float(c.config.kure.lambda_), "kure_target": float(c.config.kure.target),
         "qat": None if c.qat is None else c.qat.name,
         "qat_widths": sorted(c.widths, reverse=True) if c.widths else None,
+        "step": c.step, "which": c.which,
+        "skipped_steps": [{"path": d, "reason": why} for d, why in c.skipped],
         **layers, "config": c.config.to_dict(),
     }
     return entry, weights

@@ -2,9 +2,8 @@
 
 A sweep config is an ``ml_collections.ConfigDict`` (``configs/sweeps/default.py`` documents
 every key) or a nested mapping: the engine settings ``layers``, ``eval_batch_size`` and
-``map_chunk``, a ``report`` section, and one section per family of points
-(:data:`kure_jax.evaluation.families.FAMILIES`: ``fp``, ``weight``, ``weight_act``,
-``step_ratio``, ``qat``, ``nested``, ``runtimes``). A family runs when its section is present;
+``map_chunk``, a ``report`` section, and one section per family of points (the registry
+:data:`kure_jax.evaluation.families.FAMILIES`). A family runs when its section is present;
 a key a section leaves out takes the family's default. :meth:`Sweep.from_config` checks it all
 before any model is touched: an unknown key or section is a ``ValueError`` naming the closest
 keys, a bad value one naming the key.
