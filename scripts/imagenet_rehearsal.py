@@ -29,7 +29,7 @@ Writes into ``--out`` (which must be empty or new): ``resnet18_random.safetensor
 ``rehearsal.json``: per stage its command, exit code and wall time (process start-up included)
 and, for train and eval, the JAX device count and platform the program ran on. Exit code 0 when
 every stage succeeded, else the failing stage's code (its log's last lines are printed).
-``tests/test_imagenet_rehearsal.py`` runs it with the defaults.
+``tests/test_scripts_imagenet_rehearsal.py`` runs it with the defaults.
 """
 
 from __future__ import annotations

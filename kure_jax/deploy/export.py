@@ -4,7 +4,7 @@
 rounds it to; :func:`export_integer_weights` writes those of every selected leaf of a params
 pytree to one safetensors file, :func:`load_integer_weights` reads them back and
 :func:`dequantize` turns them into floats that equal ``quantize_params`` with the same policy
-bit for bit (``tests/test_export.py``).
+bit for bit (``tests/test_deploy_export.py``).
 
 File layout (safetensors, little-endian, no pickles). For each exported leaf ``P`` (its
 ``/``-joined path, e.g. ``params/conv1/kernel``):

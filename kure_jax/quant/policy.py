@@ -4,7 +4,7 @@ A policy holds only static choices (bits, granularity, clip method, rounding, ..
 hashable and ``jax.jit`` specialises on it. Continuous perturbations of the step (``step_ratio``)
 are arrays, so one compiled program can ``jax.vmap`` over many of them.
 
-Conventions (all documented choices, tested in ``tests/test_policy.py``):
+Conventions (all documented choices, tested in ``tests/test_quant_policy.py``):
 
 * **Clip -> step.** Every clip method produces a range ``[lo, hi]`` (per tensor or per channel),
   and the step is chosen so that the integer grid spans it exactly:
@@ -58,7 +58,7 @@ CLIP_METHODS: tuple[str, ...] = ("max", "mse", "aciq", "aciq_laplace", "percenti
 # ACIQ clip constants alpha / sigma (Gaussian) and alpha / b (Laplace scale b): the minimisers of
 #   E[(X - clip(X, -alpha, alpha))^2] + (2 alpha / 2^M)^2 / 12
 # (Banner et al. 2019). 2..8 bits are the published values; 9..16 extend the table with the
-# minimisers of the same expression (rounded to 0.01), which tests/test_policy.py re-derives.
+# minimisers of the same expression (rounded to 0.01), which tests/test_quant_policy.py re-derives.
 _ACIQ_GAUSSIAN = (1.71, 2.15, 2.55, 2.94, 3.29, 3.61, 3.92,
                   4.22, 4.49, 4.76, 5.01, 5.26, 5.49, 5.72, 5.94)  # fmt: skip
 _ACIQ_LAPLACE = (2.83, 3.89, 5.03, 6.2, 7.41, 8.64, 9.89,

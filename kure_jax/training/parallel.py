@@ -14,7 +14,7 @@ state per device; they compute the same thing:
   is built with ``bn_axis_name="batch"``, so BatchNorm averages its moments across
   devices: again global-batch statistics. Per-device means of equal-sized shards
   average to the global mean, so losses, gradients and BatchNorm statistics match the
-  ``jit`` path up to float rounding (tests/test_sharding.py checks this on 8 devices).
+  ``jit`` path up to float rounding (tests/test_training_parallel.py checks this on 8 devices).
 
 Multi-host: every process loads only its rows of the global batch
 (:func:`kure_jax.data.pipeline.process_slice`); ``MeshParallel`` assembles the global
