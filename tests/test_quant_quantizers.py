@@ -1,4 +1,4 @@
-"""Tests for kure_jax.quant.quantizers: DoReFa quantizers and the learned-clip ("reference LSQ") quantizer.
+"""Tests for kure_jax.quant.quantizers: DoReFa and the learned-clip ("reference LSQ") quantizer.
 
 References are NumPy implementations written here from the formulas in PAPER.md and the DoReFa
 paper; gradients are checked against finite differences (float64) of the straight-through
