@@ -25,6 +25,7 @@ import kure_jax
 from kure_jax import kernels, quant
 from kure_jax.kernels import _config, _ops
 from kure_jax.kurtosis import kurtosis_many, penalty_and_kurtosis, tensor_moments
+from kure_jax.quant import ops as quant_ops
 from kure_jax.quant.policy import QuantPolicy
 
 HASH = {"noise": "hash"}  # The kernels' noise stream, on the jnp path too.
@@ -70,7 +71,7 @@ def test_round_half_even_edge_cases():
 def test_round_values_match_core(rounding):
     v = jnp.concatenate([_normal((500,)) * 4, jnp.arange(-6, 6.5, 0.5)])
     np.testing.assert_array_equal(_ops.round_values(v, rounding, None),
-                                  quant.round_values(v, rounding))
+                                  quant_ops.round_values(v, rounding))
 
 
 def _uniforms(n, words=(123, 456)):
